@@ -1,0 +1,3 @@
+from desensitize.cli import app
+
+app()

@@ -1,0 +1,96 @@
+"""The `desensitize` command: one sub-command per pipeline stage, each a thin caller of src/.
+
+dvc.yaml runs these commands; the Prefect flow calls the same functions directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from tqdm.auto import tqdm
+
+from desensitize.config import load_params
+from desensitize.errors import DesensitizeError
+from desensitize.paths import Paths
+
+app = typer.Typer(
+    help="Desensitize an image set by masking, with recognition support (arXiv 2312.08975). "
+    "Each command is one pipeline stage; `dvc repro` runs them in order.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file (see params.yaml).")]
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines go through tqdm.write so they do not break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("desensitize")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def _user_errors(command: F) -> F:
+    """Turn a DesensitizeError into one `error: ...` line on stderr and exit status 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except DesensitizeError as exc:
+            typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    _configure_logging(verbose)
+
+
+@app.command()
+@_user_errors
+def ingest(params: ParamsOption = Path("params.yaml")) -> None:
+    """Read the source named by data.source and write seeded, stratified, disjoint train / test /
+    public shards plus manifest.json to data/raw/."""
+    from desensitize.ingest import ingest as run
+
+    run(load_params(params), Paths())
+
+
+@app.command()
+@_user_errors
+def reference(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
+    """Train the owner's reference classifier on raw train images, test it on raw test images;
+    writes models/reference.pt and metrics/reference.json."""
+    from desensitize.reference import train_reference
+
+    train_reference(load_params(params), Paths(), device=device)
+
+
+@app.command("check-params")
+@_user_errors
+def check_params(params: ParamsOption = Path("params.yaml")) -> None:
+    """Validate the params file and print the full settings, defaults included."""
+    typer.echo(load_params(params).model_dump_json(indent=2))

@@ -1,0 +1,96 @@
+"""params.yaml, loaded once into typed models.
+
+Every value is checked before any work starts; a bad one fails with the dotted key, the value
+and what is allowed, so `dvc repro` never half-runs on a typo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from desensitize.errors import DesensitizeError
+
+SOURCES = ("mnist5k", "fashion-mnist", "digits", "imagefolder", "cifar10")
+BACKBONES = ("small_cnn", "resnet18")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SplitParams(_Section):
+    """Fractions of the source per split. They may sum to less than 1 to use a subset."""
+
+    train: float = Field(0.6, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+    public: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _at_most_one(self) -> SplitParams:
+        total = self.train + self.test + self.public
+        if total > 1 + 1e-9:
+            raise ValueError(f"train + test + public = {total:g}, must be at most 1")
+        return self
+
+
+class DataParams(_Section):
+    source: Literal[SOURCES] = "mnist5k"  # type: ignore[valid-type]
+    # Directory for fashion-mnist / imagefolder / cifar10; null means the source's default.
+    path: Path | None = None
+    # imagefolder only: images are resized to image_size x image_size with `channels` channels.
+    image_size: int = Field(28, ge=8, le=512)
+    channels: Literal[1, 3] = 1
+    split: SplitParams = SplitParams()
+    shard_size: int = Field(10_000, ge=100, le=1_000_000)
+
+
+class ReferenceParams(_Section):
+    backbone: Literal[BACKBONES] = "small_cnn"  # type: ignore[valid-type]
+    epochs: int = Field(8, ge=1, le=1000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0, lt=1)
+
+
+class Params(_Section):
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    data: DataParams = DataParams()
+    reference: ReferenceParams = ReferenceParams()
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: missing"
+    return f"{key} = {error['input']!r}: {message}"
+
+
+def parse_params(raw: Any, origin: str = "params") -> Params:
+    """Validate an already-parsed mapping; `origin` names it in error messages."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DesensitizeError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        details = "; ".join(_describe(e) for e in exc.errors())
+        raise DesensitizeError(f"{origin}: {details}") from None
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise DesensitizeError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise DesensitizeError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
+    return parse_params(raw, origin=str(path))

@@ -1,0 +1,33 @@
+"""The one home for where things live in a project checkout. dvc.yaml mirrors these names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "test", "public")
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path = Path(".")
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def reference_model(self) -> Path:
+        return self.root / "models" / "reference.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def reference_metrics(self) -> Path:
+        return self.metrics / "reference.json"
+
+    @property
+    def reference_history(self) -> Path:
+        return self.root / "plots" / "reference_history.csv"

