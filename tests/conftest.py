@@ -46,3 +46,28 @@ def fashion_dir(tmp_path: Path) -> Path:
 def make_params(**data: object):
     """Params with the given `data` section fields (and fast reference training)."""
     return parse_params({"data": data, "reference": {"epochs": 1, "batch_size": 32}})
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory):
+    """digits ingested and a reference model trained for 2 epochs: (params, paths), read-only for tests."""
+    from desensitize.ingest import ingest
+    from desensitize.paths import Paths
+    from desensitize.reference import train_reference
+
+    params = tiny_params()
+    paths = Paths(tmp_path_factory.mktemp("tiny"))
+    ingest(params, paths)
+    train_reference(params, paths, device="cpu")
+    return params, paths
+
+
+def tiny_params(**masks: object):
+    """digits (8x8) with a 2-pixel cell grid (16 cells) and the given `masks` settings."""
+    return parse_params(
+        {
+            "data": {"source": "digits"},
+            "reference": {"epochs": 2, "batch_size": 64},
+            "masks": {"cell": 2, "hidden_ratio": 0.5, **masks},
+        }
+    )

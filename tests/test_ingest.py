@@ -77,6 +77,6 @@ def test_a_tampered_shard_is_refused(tmp_path: Path):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 1
     shard.write_bytes(bytes(data))
-    with pytest.raises(DesensitizeError, match="test-000.npz: checksum differs"):
+    with pytest.raises(DesensitizeError, match="test-000.npz: checksum differs from the recorded sha256"):
         load_split(paths.raw, "test")
     load_split(paths.raw, "train")  # the untouched shards still load

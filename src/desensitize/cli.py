@@ -94,3 +94,30 @@ def reference(params: ParamsOption = Path("params.yaml"), device: DeviceOption =
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:
     """Validate the params file and print the full settings, defaults included."""
     typer.echo(load_params(params).model_dump_json(indent=2))
+
+
+@app.command()
+@_user_errors
+def masks(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
+    """Attribute every train image with the reference model (captum), build the mask, and write the
+    verified release bundle to data/release/, metrics/masks.json and figures in reports/masks/."""
+    from desensitize.masking import generate_masks
+
+    generate_masks(load_params(params), Paths(), device=device)
+
+
+@app.command("verify-release")
+@_user_errors
+def verify_release(
+    path: Annotated[Path, typer.Argument(help="The release bundle directory, e.g. data/release.")],
+    raw: Annotated[Path, typer.Option(help="The raw data the bundle was made from.")] = Path("data/raw"),
+) -> None:
+    """Prove a release bundle safe to hand out: only allowed files, checksums intact, every hidden
+    pixel exactly the declared fill (no raw value), visible pixels equal to raw, whole cells hidden
+    at the declared ratio. Exits 2 naming the first offending item."""
+    from desensitize.release import verify_release as run
+
+    summary = run(path, raw)
+    for split, facts in summary["splits"].items():
+        typer.echo(f"ok: {split}: {facts['images']} images, {facts['hidden_ratio_pixels']:.1%} of pixels hidden")
+    typer.echo(f"ok: {path} verified against {raw}")

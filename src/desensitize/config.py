@@ -16,6 +16,8 @@ from desensitize.errors import DesensitizeError
 
 SOURCES = ("mnist5k", "fashion-mnist", "digits", "imagefolder", "cifar10")
 BACKBONES = ("small_cnn", "resnet18")
+ATTRIBUTION_METHODS = ("saliency", "integrated_gradients", "gradient_shap", "grad_cam", "occlusion")
+STRATEGIES = ("saliency", "random", "center", "border")
 
 
 class _Section(BaseModel):
@@ -56,10 +58,33 @@ class ReferenceParams(_Section):
     weight_decay: float = Field(1e-4, ge=0, lt=1)
 
 
+class AttributionParams(_Section):
+    method: Literal[ATTRIBUTION_METHODS] = "saliency"  # type: ignore[valid-type]
+    noise_tunnel: bool = False  # wrap the method in SmoothGrad (NoiseTunnel)
+    nt_samples: int = Field(8, ge=1, le=256)
+    nt_stdev: float = Field(0.1, gt=0, le=1)
+    batch_size: int = Field(256, ge=1, le=65_536)  # images per captum call
+    ig_steps: int = Field(32, ge=2, le=1024)
+    shap_samples: int = Field(16, ge=1, le=1024)
+    gradcam_layer: str = Field("stages.1", pattern=r"^\w+(\.\w+)*$")
+    occlusion_window: int = Field(4, ge=1, le=256)
+    occlusion_stride: int = Field(2, ge=1, le=256)
+
+
+class MaskParams(_Section):
+    strategy: Literal[STRATEGIES] = "saliency"  # type: ignore[valid-type]
+    scope: Literal["set", "image"] = "set"
+    hidden_ratio: float = Field(0.5, gt=0, lt=1)
+    cell: int = Field(4, ge=1, le=512)
+    fill: Literal["zero", "mean", "noise"] = "zero"
+    attribution: AttributionParams = AttributionParams()
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataParams = DataParams()
     reference: ReferenceParams = ReferenceParams()
+    masks: MaskParams = MaskParams()
 
 
 def _describe(error: dict[str, Any]) -> str:

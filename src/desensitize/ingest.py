@@ -19,7 +19,7 @@ from desensitize.config import Params, SplitParams
 from desensitize.errors import DesensitizeError
 from desensitize.paths import SPLITS, Paths
 from desensitize.sources import Source, load_source
-from desensitize.storage import atomic_dir, read_arrays, read_json, sha256_file, write_arrays, write_json
+from desensitize.storage import atomic_dir, read_json, read_shards, write_json, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +102,9 @@ def ingest(params: Params, paths: Paths) -> dict[str, Any]:
             manifest["counts"][name] = {
                 cls: int((labels == k).sum()) for k, cls in enumerate(source.class_names)
             }
-            manifest["shards"][name] = []
-            for k, start in enumerate(range(0, len(idx), params.data.shard_size)):
-                chunk = idx[start : start + params.data.shard_size]
-                file = f"{name}-{k:03d}.npz"
-                write_arrays(tmp / file, images=source.images[chunk], labels=source.labels[chunk])
-                manifest["shards"][name].append({"file": file, "images": len(chunk), "sha256": sha256_file(tmp / file)})
+            manifest["shards"][name] = write_shards(
+                tmp, name, params.data.shard_size, images=source.images[idx], labels=labels
+            )
         write_json(tmp / MANIFEST, manifest)
     log.info(
         "ingested %s: %s",
@@ -130,14 +127,5 @@ def load_split(raw_dir: Path, split: str) -> Split:
         raise DesensitizeError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     raw_dir = Path(raw_dir)
     manifest = read_manifest(raw_dir)
-    images, labels = [], []
-    for shard in manifest["shards"][split]:
-        path = raw_dir / shard["file"]
-        if not path.is_file():
-            raise DesensitizeError(f"{path}: shard listed in {MANIFEST} is missing; run the ingest stage again")
-        if sha256_file(path) != shard["sha256"]:
-            raise DesensitizeError(f"{path}: checksum differs from {MANIFEST}; run the ingest stage again")
-        arrays = read_arrays(path)
-        images.append(arrays["images"])
-        labels.append(arrays["labels"])
-    return Split(np.concatenate(images), np.concatenate(labels), tuple(manifest["class_names"]))
+    arrays = read_shards(raw_dir, manifest["shards"][split], hint="run the ingest stage again")
+    return Split(arrays["images"], arrays["labels"], tuple(manifest["class_names"]))

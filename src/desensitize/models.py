@@ -36,8 +36,8 @@ class Backbone(nn.Module):
         return self.head(x)
 
 
-def small_cnn(in_channels: int, num_classes: int, width: int = 32) -> Backbone:
-    """A VGG-style CNN for 28x28 inputs (works from 8x8 up): 28 -> 14 -> 7 spatial."""
+def small_cnn(in_channels: int, num_classes: int, width: int = 16) -> Backbone:
+    """A VGG-style CNN for 28x28 inputs (works from 8x8 up): 28 -> 14 -> 7 spatial, 16-32-64 channels."""
     w1, w2, w3 = width, 2 * width, 4 * width
     return Backbone(
         stem=nn.Identity(),

@@ -31,3 +31,15 @@ class Paths:
     @property
     def reference_history(self) -> Path:
         return self.root / "plots" / "reference_history.csv"
+
+    @property
+    def release(self) -> Path:
+        return self.root / "data" / "release"
+
+    @property
+    def masks_metrics(self) -> Path:
+        return self.metrics / "masks.json"
+
+    @property
+    def masks_reports(self) -> Path:
+        return self.root / "reports" / "masks"

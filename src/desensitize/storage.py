@@ -113,3 +113,28 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise DesensitizeError(f"{path}: shard not found") from None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DesensitizeError(f"{path}: unreadable shard ({exc})") from None
+
+
+def write_shards(directory: Path, prefix: str, shard_size: int, **arrays: np.ndarray) -> list[dict[str, Any]]:
+    """Write aligned arrays (same first dimension) as `<prefix>-000.npz`, ...; returns the shard entries."""
+    count = len(next(iter(arrays.values())))
+    entries = []
+    for k, start in enumerate(range(0, count, shard_size)):
+        file = f"{prefix}-{k:03d}.npz"
+        write_arrays(Path(directory) / file, **{name: a[start : start + shard_size] for name, a in arrays.items()})
+        entries.append({"file": file, "images": min(shard_size, count - start), "sha256": sha256_file(Path(directory) / file)})
+    return entries
+
+
+def read_shards(directory: Path, entries: list[dict[str, Any]], hint: str) -> dict[str, np.ndarray]:
+    """Read shards written by `write_shards`, refusing any whose sha256 differs from its entry."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for entry in entries:
+        path = Path(directory) / entry["file"]
+        if not path.is_file():
+            raise DesensitizeError(f"{path}: shard is missing; {hint}")
+        if sha256_file(path) != entry["sha256"]:
+            raise DesensitizeError(f"{path}: checksum differs from the recorded sha256; {hint}")
+        for name, array in read_arrays(path).items():
+            parts.setdefault(name, []).append(array)
+    return {name: np.concatenate(arrays) for name, arrays in parts.items()}

@@ -45,6 +45,15 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None) -> Iter
     return iter(tqdm(iterable, desc=desc, total=total, leave=False, disable=not sys.stderr.isatty()))
 
 
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to `device` in channels-last layout, which oneDNN and cuDNN run fastest for convolutions."""
+    return model.to(device=device, memory_format=torch.channels_last)
+
+
+def batch_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.to(device=device, memory_format=torch.channels_last) if x.dim() == 4 else x.to(device)
+
+
 def to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 in [0, 1]."""
     tensor = torch.as_tensor(images)
@@ -73,7 +82,7 @@ def train_classifier(
     """Adam with a one-cycle schedule over full passes in a seeded order; logs one line per epoch."""
     generator = seed_everything(seed)
     x_all, y_all = to_float(images), torch.as_tensor(labels, dtype=torch.long)
-    model.to(device).train()
+    on_device(model, device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(x_all) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -86,7 +95,7 @@ def train_classifier(
         batches = range(0, len(order), batch_size)
         for i in progress(batches, desc=f"{name} epoch {epoch}/{epochs}"):
             idx = order[i : i + batch_size]
-            x, y = x_all[idx].to(device), y_all[idx].to(device)
+            x, y = batch_to(x_all[idx], device), y_all[idx].to(device)
             logits = model(x)
             loss = loss_fn(logits, y)
             optimizer.zero_grad(set_to_none=True)
@@ -104,9 +113,9 @@ def train_classifier(
 
 @torch.no_grad()
 def predict(model: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 512) -> np.ndarray:
-    model.to(device).eval()
+    on_device(model, device).eval()
     x_all = to_float(images)
-    out = [model(x_all[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x_all), batch_size)]
+    out = [model(batch_to(x_all[i : i + batch_size], device)).argmax(1).cpu() for i in range(0, len(x_all), batch_size)]
     return torch.cat(out).numpy()
 
 

@@ -1,0 +1,180 @@
+"""The `masks` stage: attribution -> critical template -> cell mask -> verified release bundle.
+
+Owner side. Reads raw `train`/`test` and the reference model; writes `data/release/` (verified
+before it is moved into place), `metrics/masks.json` and the figures in `reports/masks/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from desensitize.attribution import attribution_maps
+from desensitize.config import MaskParams, Params
+from desensitize.errors import DesensitizeError
+from desensitize.ingest import Split, load_split
+from desensitize.masks import (
+    apply_mask,
+    fill_values,
+    geometric_mask,
+    grid_shape,
+    mask_from_maps,
+    n_hidden_cells,
+    random_masks,
+)
+from desensitize.models import load_checkpoint
+from desensitize.paths import Paths
+from desensitize.release import FILL_STREAMS, ReleasedSplit, verify_release, write_release
+from desensitize.reports import heatmap, image_grid
+from desensitize.storage import atomic_dir, write_json
+from desensitize.training import best_device, predict, to_float
+
+log = logging.getLogger(__name__)
+
+
+def _random(cfg: MaskParams, splits: dict[str, Split], seed: int) -> dict[str, np.ndarray]:
+    """Seeded random cells: one mask for the set, or one per image (a different stream per split)."""
+    _, _, height, width = splits["train"].images.shape
+    if cfg.scope == "set":
+        mask = random_masks(None, height, width, cfg.cell, cfg.hidden_ratio, seed)
+        return {name: mask for name in splits}
+    return {
+        name: random_masks(len(split.images), height, width, cfg.cell, cfg.hidden_ratio, seed, stream=k)
+        for k, (name, split) in enumerate(splits.items())
+    }
+
+
+def _saliency(
+    cfg: MaskParams, splits: dict[str, Split], model: torch.nn.Module, device: torch.device, seed: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+    """Masks from attribution maps; returns masks per split, the template and images/s of attribution."""
+    train = splits["train"]
+    start = time.perf_counter()
+    train_maps = attribution_maps(
+        model, to_float(train.images), torch.as_tensor(train.labels), cfg.attribution, device=device, seed=seed
+    ).numpy()
+    rate = len(train.images) / (time.perf_counter() - start)
+    template = train_maps.mean(axis=0)
+    if cfg.scope == "set":
+        mask = mask_from_maps(template, cfg.cell, cfg.hidden_ratio)
+        return {name: mask for name in splits}, template, rate
+    masks = {"train": mask_from_maps(train_maps, cfg.cell, cfg.hidden_ratio)}
+    for name, split in splits.items():
+        if name == "train":
+            continue
+        # Labels are unknown at inference: attribute against the reference model's own prediction.
+        targets = torch.as_tensor(predict(model, split.images, device))
+        maps = attribution_maps(model, to_float(split.images), targets, cfg.attribution, device=device, seed=seed)
+        masks[name] = mask_from_maps(maps.numpy(), cfg.cell, cfg.hidden_ratio)
+    return masks, template, rate
+
+
+def _per_image(mask: np.ndarray, count: int) -> np.ndarray:
+    return mask if mask.ndim == 3 else np.broadcast_to(mask, (count, *mask.shape)).copy()
+
+
+def mask_images(
+    split: Split, masks: np.ndarray, fill: str, channel_mean: np.ndarray, seed: int, stream: int
+) -> np.ndarray:
+    values = fill_values(fill, split.images.shape, channel_mean, seed, stream)
+    return apply_mask(split.images, masks, values)
+
+
+def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
+    """Run the stage; returns the metrics written to `metrics/masks.json`."""
+    cfg = params.masks
+    splits = {name: load_split(paths.raw, name) for name in ("train", "test")}
+    _, channels, height, width = splits["train"].images.shape
+    if cfg.cell > min(height, width):
+        raise DesensitizeError(f"masks.cell = {cfg.cell}: larger than the {height}x{width} images")
+    gh, gw = grid_shape(height, width, cfg.cell)
+    n_hidden = n_hidden_cells(gh * gw, cfg.hidden_ratio)
+    torch_device = best_device(device)
+    model, _ = load_checkpoint(paths.reference_model, torch_device)
+
+    template, rate = None, None
+    if cfg.strategy == "saliency":
+        masks, template, rate = _saliency(cfg, splits, model, torch_device, params.seed)
+        log.info("%s attribution: %.0f images/s on %s", cfg.attribution.method, rate, torch_device)
+    elif cfg.strategy == "random":
+        masks = _random(cfg, splits, params.seed)
+    else:
+        mask = geometric_mask(cfg.strategy, height, width, cfg.cell, cfg.hidden_ratio)
+        masks = {name: mask for name in splits}
+
+    channel_mean = np.rint(splits["train"].images.mean(axis=(0, 2, 3))).astype(np.uint8)
+    released = {
+        name: ReleasedSplit(
+            mask_images(split, masks[name], cfg.fill, channel_mean, params.seed, FILL_STREAMS[name]),
+            split.labels,
+            _per_image(masks[name], len(split.images)),
+        )
+        for name, split in splits.items()
+    }
+
+    test = splits["test"]
+    random_test = mask_images(
+        test, _random(cfg, splits, params.seed)["test"], cfg.fill, channel_mean, params.seed, FILL_STREAMS["test"]
+    )
+    accuracy = {
+        "raw": float((predict(model, test.images, torch_device) == test.labels).mean()),
+        "masked": float((predict(model, released["test"].images, torch_device) == test.labels).mean()),
+        "random": float((predict(model, random_test, torch_device) == test.labels).mean()),
+    }
+    hidden_pixels = float(1 - released["train"].masks.mean())
+    info = {
+        "strategy": cfg.strategy,
+        "method": cfg.attribution.method if cfg.strategy == "saliency" else None,
+        "noise_tunnel": cfg.attribution.noise_tunnel if cfg.strategy == "saliency" else None,
+        "scope": cfg.scope,
+        "hidden_ratio_requested": cfg.hidden_ratio,
+        "hidden_ratio": n_hidden / (gh * gw),
+        "hidden_ratio_pixels": hidden_pixels,
+        "cell": cfg.cell,
+        "grid": [gh, gw],
+        "n_cells": gh * gw,
+        "n_hidden_cells": n_hidden,
+        "fill": cfg.fill,
+        "fill_value": channel_mean.tolist() if cfg.fill == "mean" else [0] * channels,
+        "fill_seed": params.seed if cfg.fill == "noise" else None,
+        "image_shape": [channels, height, width],
+        "class_names": list(test.class_names),
+    }
+    with atomic_dir(paths.release) as tmp:
+        write_release(tmp, released, info=info, shard_size=params.data.shard_size)
+        verify_release(tmp, paths.raw)  # nothing unverified ever lands in data/release
+
+    _figures(paths, template, released, splits["train"])
+    metrics = {
+        **{k: info[k] for k in ("strategy", "method", "scope", "hidden_ratio", "hidden_ratio_pixels", "n_cells",
+                                "n_hidden_cells", "cell", "fill")},
+        "attribution_images_per_second": rate,
+        "device": torch_device.type,
+        "reference_accuracy_on_raw_test": accuracy["raw"],
+        "reference_accuracy_on_masked_test": accuracy["masked"],
+        "reference_accuracy_on_random_masked_test": accuracy["random"],
+    }  # fmt: skip
+    write_json(paths.masks_metrics, metrics)
+    log.info(
+        "hid %d of %d cells; reference accuracy on test: raw %.4f, %s mask %.4f, random mask %.4f",
+        n_hidden, gh * gw, accuracy["raw"], cfg.strategy, accuracy["masked"], accuracy["random"],
+    )  # fmt: skip
+    return metrics
+
+
+def _figures(paths: Paths, template: np.ndarray | None, released: dict[str, ReleasedSplit], raw: Split) -> None:
+    out = paths.masks_reports
+    if template is not None:
+        heatmap(template, out / "template.png", "critical template (mean attribution, train)")
+    visible = released["train"].masks.mean(axis=0)
+    heatmap(visible, out / "mask.png", "mask: share of images where a pixel is visible", cmap="gray")
+    k = min(8, len(raw.images))
+    image_grid(
+        [("raw", raw.images[:k]), ("released", released["train"].images[:k])],
+        out / "samples.png",
+        "raw vs released (train)",
+    )

@@ -1,0 +1,48 @@
+"""PNG figures for people: heatmaps, masks and sample grids. Uses matplotlib's Figure (no pyplot state)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from desensitize.storage import atomic_path
+
+
+def _save(fig, path: Path) -> None:  # noqa: ANN001 - matplotlib Figure
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def heatmap(array: np.ndarray, path: Path, title: str, cmap: str = "magma", colorbar: bool = True) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 3.6))
+    ax = fig.subplots()
+    image = ax.imshow(array, cmap=cmap, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if colorbar:
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def image_grid(rows: Sequence[tuple[str, np.ndarray]], path: Path, title: str) -> None:
+    """One row per (label, uint8 images (K, C, H, W)), K columns."""
+    from matplotlib.figure import Figure
+
+    columns = len(rows[0][1])
+    fig = Figure(figsize=(1.1 * columns + 1.2, 1.15 * len(rows) + 0.4))
+    axes = np.atleast_2d(fig.subplots(len(rows), columns, squeeze=False))
+    for r, (label, images) in enumerate(rows):
+        for c in range(columns):
+            ax = axes[r, c]
+            image = images[c].transpose(1, 2, 0)
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from desensitize.errors import DesensitizeError
+from desensitize.masks import (
+    apply_mask,
+    cell_scores,
+    expand,
+    fill_values,
+    geometric_mask,
+    grid_shape,
+    hide_lowest,
+    mask_from_maps,
+    n_hidden_cells,
+    random_masks,
+)
+
+
+def _hidden_cells(masks: np.ndarray, cell: int) -> np.ndarray:
+    return (cell_scores(1 - masks.astype(float), cell) > 0).sum(axis=(-2, -1))
+
+
+@pytest.mark.parametrize(("size", "cell"), [(28, 4), (28, 5), (28, 3), (32, 7), (8, 8), (9, 2)])
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75, 0.9])
+def test_exact_hidden_cell_count_for_any_grid(size: int, cell: int, ratio: float):
+    gh, gw = grid_shape(size, size, cell)
+    n_cells = gh * gw
+    expected = int(np.floor(ratio * n_cells + 0.5))
+    if not 0 < expected < n_cells:
+        with pytest.raises(DesensitizeError, match="masks.hidden_ratio"):
+            n_hidden_cells(n_cells, ratio)
+        return
+    maps = np.random.default_rng(0).random((5, size, size))
+    masks = mask_from_maps(maps, cell, ratio)
+    assert masks.shape == (5, size, size)
+    assert _hidden_cells(masks, cell).tolist() == [expected] * 5
+    # Whole cells only: every cell is entirely hidden or entirely visible.
+    area = cell_scores(np.ones((size, size)), cell)
+    assert set(np.unique(cell_scores(masks.astype(float), cell) / area)) <= {0.0, 1.0}
+    random = random_masks(7, size, size, cell, ratio, seed=3)
+    assert _hidden_cells(random, cell).tolist() == [expected] * 7
+    for kind in ("center", "border"):
+        assert _hidden_cells(geometric_mask(kind, size, size, cell, ratio), cell) == expected
+
+
+def test_template_to_mask_by_hand():
+    # 6x6 image, 3x3 cells -> 2x2 grid; attribution mass per cell: TL 4, TR 1, BL 3, BR 2.
+    template = np.zeros((6, 6))
+    template[0, 0], template[0, 5], template[5, 0], template[5, 5] = 4, 1, 3, 2
+    np.testing.assert_array_equal(cell_scores(template, 3), [[4, 1], [3, 2]])
+    mask = mask_from_maps(template, 3, 0.5)
+    expected = np.zeros((6, 6), dtype=np.uint8)
+    expected[:3, :3] = 1  # keep TL (4) and BL (3)
+    expected[3:, :3] = 1
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_partial_edge_cells_and_ties():
+    # 5x5 with cell 2 -> 3x3 grid whose last row/column is 1 pixel thick.
+    np.testing.assert_array_equal(cell_scores(np.ones((5, 5)), 2), [[4, 4, 2], [4, 4, 2], [2, 2, 1]])
+    # All scores tied: the lowest indices are hidden first, deterministically.
+    np.testing.assert_array_equal(hide_lowest(np.zeros((2, 2)), 2), [[0, 0], [1, 1]])
+    np.testing.assert_array_equal(expand(np.array([[1, 0], [0, 1]], dtype=np.uint8), 3, 3, 2),
+                                  [[1, 1, 0], [1, 1, 0], [0, 0, 1]])  # fmt: skip
+
+
+def test_random_masks_are_seeded_and_vary_per_image():
+    a = random_masks(20, 28, 28, 4, 0.5, seed=1)
+    np.testing.assert_array_equal(a, random_masks(20, 28, 28, 4, 0.5, seed=1))
+    assert not np.array_equal(a, random_masks(20, 28, 28, 4, 0.5, seed=2))
+    assert not np.array_equal(a, random_masks(20, 28, 28, 4, 0.5, seed=1, stream=1))
+    assert len({m.tobytes() for m in a}) == 20
+    single = random_masks(None, 28, 28, 4, 0.5, seed=1)
+    assert single.shape == (28, 28)
+
+
+def test_center_hides_the_middle_and_border_the_rim():
+    center = geometric_mask("center", 8, 8, 2, 0.25)  # 4 of 16 cells
+    expected = np.ones((8, 8), dtype=np.uint8)
+    expected[2:6, 2:6] = 0
+    np.testing.assert_array_equal(center, expected)
+    border = geometric_mask("border", 8, 8, 2, 0.75)  # the 12 rim cells
+    np.testing.assert_array_equal(border, 1 - expected)
+
+
+def test_apply_mask_keeps_visible_pixels_and_fills_the_rest():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 3, 6, 6), dtype=np.uint8)
+    mask = mask_from_maps(rng.random((6, 6)), 3, 0.5)
+    hidden = mask == 0
+    for kind, mean in (("zero", None), ("mean", np.array([10, 20, 30]))):
+        fill = fill_values(kind, images.shape, mean, seed=0, stream=0)
+        out = apply_mask(images, mask, fill)
+        np.testing.assert_array_equal(out[:, :, ~hidden], images[:, :, ~hidden])
+        expected = 0 if kind == "zero" else mean[None, :, None]
+        assert (out[:, :, hidden] == expected).all()
+    # Noise is fresh per image and per pixel, seeded, and does not depend on the image content.
+    noise = fill_values("noise", images.shape, None, seed=5, stream=0)
+    np.testing.assert_array_equal(noise, fill_values("noise", images.shape, None, seed=5, stream=0))
+    assert not np.array_equal(noise, fill_values("noise", images.shape, None, seed=5, stream=1))
+    out = apply_mask(images, np.stack([mask] * 4), noise)
+    np.testing.assert_array_equal(out[:, :, hidden], noise[:, :, hidden])
+    assert len(np.unique(out[:, :, hidden])) > 100

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import tiny_params
+from desensitize.cli import app
+from desensitize.errors import DesensitizeError
+from desensitize.ingest import load_split
+from desensitize.masking import generate_masks
+from desensitize.paths import Paths
+from desensitize.release import RELEASE_JSON, load_released, verify_release
+from desensitize.storage import sha256_file, write_arrays
+
+
+def _copy(tiny_project, tmp_path: Path) -> Paths:
+    _, source = tiny_project
+    paths = Paths(tmp_path / "project")
+    shutil.copytree(source.raw, paths.raw)
+    shutil.copytree(source.reference_model.parent, paths.reference_model.parent)
+    return paths
+
+
+def _checksums(paths: Paths) -> dict:
+    release = json.loads((paths.release / RELEASE_JSON).read_text())
+    return {e["file"]: e["sha256"] for split in release["shards"].values() for e in split}
+
+
+def test_saliency_set_release_is_verified_and_holds_only_what_may_leave(tiny_project, tmp_path: Path):
+    paths = _copy(tiny_project, tmp_path)
+    metrics = generate_masks(tiny_params(), paths, device="cpu")
+
+    assert metrics["n_cells"] == 16 and metrics["n_hidden_cells"] == 8 and metrics["hidden_ratio"] == 0.5
+    assert metrics["attribution_images_per_second"] > 0
+    for key in ("reference_accuracy_on_masked_test", "reference_accuracy_on_random_masked_test"):
+        assert 0 <= metrics[key] <= 1
+    assert sorted(p.name for p in paths.release.iterdir()) == ["release.json", "test-000.npz", "train-000.npz"]
+    assert verify_release(paths.release, paths.raw)["splits"]["train"]["hidden_ratio_pixels"] == 0.5
+    released, raw = load_released(paths.release, "train"), load_split(paths.raw, "train")
+    assert (released.masks == released.masks[0]).all()  # one mask for the set
+    hidden = np.broadcast_to(released.masks[:, None] == 0, raw.images.shape)
+    assert (released.images[hidden] == 0).all() and (raw.images[hidden] > 0).any()
+    release = json.loads((paths.release / RELEASE_JSON).read_text())
+    assert set(release["shards"]) == {"train", "test"}  # never the public split
+    for figure in ("template.png", "mask.png", "samples.png"):
+        assert (paths.masks_reports / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_same_masks_and_checksums(tiny_project, tmp_path: Path):
+    params = tiny_params(scope="image", fill="noise")
+    first, second = _copy(tiny_project, tmp_path / "a"), _copy(tiny_project, tmp_path / "b")
+    generate_masks(params, first, device="cpu")
+    generate_masks(params, second, device="cpu")
+    assert _checksums(first) == _checksums(second)
+    masks = load_released(first.release, "train").masks
+    assert len({m.tobytes() for m in masks}) > 10  # image scope: masks follow each image
+    verify_release(first.release, first.raw)
+
+    other = tiny_params(scope="image", fill="noise").model_copy(update={"seed": 1})
+    generate_masks(other, second, device="cpu")
+    assert _checksums(first) != _checksums(second)
+
+
+@pytest.mark.parametrize("strategy", ["random", "center", "border"])
+def test_baseline_strategies_release_the_same_amount(tiny_project, tmp_path: Path, strategy: str):
+    paths = _copy(tiny_project, tmp_path)
+    metrics = generate_masks(tiny_params(strategy=strategy, fill="mean"), paths, device="cpu")
+    assert metrics["n_hidden_cells"] == 8 and metrics["attribution_images_per_second"] is None
+    verify_release(paths.release, paths.raw)
+    if strategy == "random":
+        assert metrics["reference_accuracy_on_masked_test"] == metrics["reference_accuracy_on_random_masked_test"]
+
+
+@pytest.fixture
+def released(tiny_project, tmp_path: Path) -> Paths:
+    paths = _copy(tiny_project, tmp_path)
+    generate_masks(tiny_params(), paths, device="cpu")
+    return paths
+
+
+def _rewrite_shard(paths: Paths, change) -> None:
+    """Edit the train shard and re-sign it, so that only the content check can catch the change."""
+    shard = paths.release / "train-000.npz"
+    with np.load(shard) as data:
+        arrays = {name: data[name].copy() for name in data.files}
+    change(arrays)
+    write_arrays(shard, **arrays)
+    release = json.loads((paths.release / RELEASE_JSON).read_text())
+    release["shards"]["train"][0]["sha256"] = sha256_file(shard)
+    (paths.release / RELEASE_JSON).write_text(json.dumps(release))
+
+
+def test_verify_catches_one_leaked_raw_pixel(released: Paths):
+    raw = load_split(released.raw, "train").images
+    masks = load_released(released.release, "train").masks
+    i, c, y, x = (int(v) for v in np.argwhere((masks[:, None] == 0) & (raw > 0))[0])
+
+    def leak(arrays):
+        arrays["images"][i, c, y, x] = raw[i, c, y, x]
+
+    _rewrite_shard(released, leak)
+    with pytest.raises(DesensitizeError, match=rf"train image {i}, channel {c}, pixel \(row {y}, col {x}\).*raw pixel leaked"):
+        verify_release(released.release, released.raw)
+
+
+def test_verify_catches_an_extra_file_and_an_extra_array(released: Paths):
+    np.save(released.release / "attribution.npy", np.zeros((8, 8)))
+    with pytest.raises(DesensitizeError, match="attribution.npy: file not allowed"):
+        verify_release(released.release, released.raw)
+    (released.release / "attribution.npy").unlink()
+
+    _rewrite_shard(released, lambda arrays: arrays.update(template=np.zeros((8, 8))))
+    with pytest.raises(DesensitizeError, match=r"arrays not allowed in a release: \['template'\]"):
+        verify_release(released.release, released.raw)
+
+
+def test_verify_catches_an_altered_checksum_and_cli_exits_nonzero(released: Paths, monkeypatch):
+    monkeypatch.chdir(released.root)
+    ok = CliRunner().invoke(app, ["verify-release", "data/release"])
+    assert ok.exit_code == 0 and "ok: data/release verified" in ok.output
+
+    release = json.loads((released.release / RELEASE_JSON).read_text())
+    release["shards"]["test"][0]["sha256"] = "0" * 64
+    (released.release / RELEASE_JSON).write_text(json.dumps(release))
+    result = CliRunner().invoke(app, ["verify-release", "data/release"])
+    assert result.exit_code == 2
+    assert "test-000.npz: checksum differs" in result.output
+
+
+def test_a_failed_verification_leaves_no_release(tiny_project, tmp_path: Path, monkeypatch):
+    paths = _copy(tiny_project, tmp_path)
+
+    def broken(*args, **kwargs):
+        raise DesensitizeError("simulated verification failure")
+
+    monkeypatch.setattr("desensitize.masking.verify_release", broken)
+    with pytest.raises(DesensitizeError, match="simulated"):
+        generate_masks(tiny_params(), paths, device="cpu")
+    assert not paths.release.exists()
+    assert sorted(p.name for p in paths.release.parent.iterdir()) == ["raw"]
