@@ -26,6 +26,9 @@ def _tiny() -> dict:
     params["data"]["source"] = "digits"
     params["reference"].update(epochs=2, batch_size=64)
     params["masks"]["cell"] = 2
+    params["attack"].update(sample=200, attackers=["telea", "learned"])
+    params["attack"]["learned"].update(epochs=2, width=8)
+    params["attack"]["thresholds"].update(max_psnr_gain=100, max_linkage_top1=1, max_recognition_recovery=1)
     return params
 
 
@@ -54,7 +57,7 @@ def _repro(project: Path) -> str:
 
 
 def _ran(output: str) -> list[str]:
-    return [stage for stage in ("ingest", "reference", "masks") if f"Running stage '{stage}'" in output]
+    return [stage for stage in ("ingest", "reference", "masks", "attack") if f"Running stage '{stage}'" in output]
 
 
 def _set(project: Path, section: str, key: str, value: object) -> None:
@@ -64,7 +67,7 @@ def _set(project: Path, section: str, key: str, value: object) -> None:
 
 
 def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
-    assert _ran(_repro(project)) == ["ingest", "reference", "masks"]
+    assert _ran(_repro(project)) == ["ingest", "reference", "masks", "attack"]
     assert read_manifest(project / "data" / "raw")["source"] == "digits"
     assert (project / "models" / "reference.pt").is_file()
     verify = _run(project, sys.executable, "-m", "desensitize", "verify-release", "data/release")
@@ -72,14 +75,22 @@ def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
 
     assert _ran(_repro(project)) == []
 
-    _set(project, "masks", "hidden_ratio", 0.75)
-    assert _ran(_repro(project)) == ["masks"]
-    assert json.loads((project / "metrics" / "masks.json").read_text())["n_hidden_cells"] == 12
+    _set(project, "masks", "hidden_ratio", 0.5)
+    assert _ran(_repro(project)) == ["masks", "attack"]
+    assert json.loads((project / "metrics" / "masks.json").read_text())["n_hidden_cells"] == 8
 
     _set(project, "reference", "epochs", 1)
-    assert _ran(_repro(project)) == ["reference", "masks"]
+    assert _ran(_repro(project)) == ["reference", "masks", "attack"]
     status = _run(project, sys.executable, "-m", "dvc", "status")
     assert "up to date" in status.stdout
+
+    # A stricter privacy threshold, as an experiment: the pipeline stops at `attack`, saying why.
+    for command in (("git", "add", "-A"), ("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "t")):
+        assert _run(project, *command).returncode == 0
+    strict = _run(project, sys.executable, "-m", "dvc", "exp", "run", "-S", "attack.thresholds.max_linkage_top1=0")
+    assert strict.returncode != 0
+    assert "privacy gate FAILED" in strict.stdout + strict.stderr
+    assert "linkage_top1" in strict.stdout + strict.stderr
 
 
 def test_repro_killed_during_reference_completes_when_run_again(project: Path):

@@ -121,3 +121,14 @@ def verify_release(
     for split, facts in summary["splits"].items():
         typer.echo(f"ok: {split}: {facts['images']} images, {facts['hidden_ratio_pixels']:.1%} of pixels hidden")
     typer.echo(f"ok: {path} verified against {raw}")
+
+
+@app.command()
+@_user_errors
+def attack(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
+    """The privacy gate: inpainting attackers (OpenCV, scikit-image, a U-Net trained on the public
+    split) try to restore the release's hidden pixels; writes metrics/attack.json and
+    reports/attack/. Exits 2 when an attacker breaks a threshold (unless attack.enforce is false)."""
+    from desensitize.attacking import run_attack
+
+    run_attack(load_params(params), Paths(), device=device)

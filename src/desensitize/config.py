@@ -18,6 +18,7 @@ SOURCES = ("mnist5k", "fashion-mnist", "digits", "imagefolder", "cifar10")
 BACKBONES = ("small_cnn", "resnet18")
 ATTRIBUTION_METHODS = ("saliency", "integrated_gradients", "gradient_shap", "grad_cam", "occlusion")
 STRATEGIES = ("saliency", "random", "center", "border")
+ATTACKERS = ("telea", "navier_stokes", "biharmonic", "learned")
 
 
 class _Section(BaseModel):
@@ -74,10 +75,32 @@ class AttributionParams(_Section):
 class MaskParams(_Section):
     strategy: Literal[STRATEGIES] = "saliency"  # type: ignore[valid-type]
     scope: Literal["set", "image"] = "set"
-    hidden_ratio: float = Field(0.5, gt=0, lt=1)
-    cell: int = Field(4, ge=1, le=512)
+    hidden_ratio: float = Field(0.75, gt=0, lt=1)
+    cell: int = Field(7, ge=1, le=512)
     fill: Literal["zero", "mean", "noise"] = "zero"
     attribution: AttributionParams = AttributionParams()
+
+
+class LearnedAttackerParams(_Section):
+    epochs: int = Field(20, ge=1, le=1000)
+    width: int = Field(16, ge=4, le=256)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    lr: float = Field(2e-3, gt=0, le=1)
+
+
+class GateThresholds(_Section):
+    max_psnr_gain: float = Field(3.0, ge=0, le=100)  # dB over the blind mean_fill guess
+    max_linkage_top1: float = Field(0.3, ge=0, le=1)  # chance is 1 / attack.sample
+    max_recognition_recovery: float = Field(0.3, ge=-1, le=1)
+
+
+class AttackParams(_Section):
+    sample: int = Field(500, ge=2, le=100_000)  # released train images attacked (and the linkage gallery)
+    attackers: list[Literal[ATTACKERS]] = Field(default=list(ATTACKERS), min_length=1)  # type: ignore[valid-type]
+    inpaint_radius: int = Field(3, ge=1, le=64)
+    learned: LearnedAttackerParams = LearnedAttackerParams()
+    thresholds: GateThresholds = GateThresholds()
+    enforce: bool = True  # false: record a failed gate but let the pipeline go on (an analyst's override)
 
 
 class Params(_Section):
@@ -85,6 +108,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     reference: ReferenceParams = ReferenceParams()
     masks: MaskParams = MaskParams()
+    attack: AttackParams = AttackParams()
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -43,3 +43,11 @@ class Paths:
     @property
     def masks_reports(self) -> Path:
         return self.root / "reports" / "masks"
+
+    @property
+    def attack_metrics(self) -> Path:
+        return self.metrics / "attack.json"
+
+    @property
+    def attack_reports(self) -> Path:
+        return self.root / "reports" / "attack"
