@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from typer.testing import CliRunner
+
 from conftest import tiny_params
+from desensitize.cli import app
 from desensitize import attacks, privacy
 from desensitize.attacking import attack_suite, run_attack
 from desensitize.config import GateThresholds, parse_params
@@ -136,7 +139,7 @@ def test_failed_gate_stops_the_stage_with_the_broken_threshold_named(tiny_projec
     assert cells.shape == (4, 4)  # 8x8 digits, 2-pixel cells
 
 
-def test_enforce_false_records_the_override_and_goes_on(tiny_project, tmp_path: Path):
+def test_enforce_false_records_the_override_and_goes_on(tiny_project, tmp_path: Path, monkeypatch):
     params, paths = _project(
         tiny_project, tmp_path, thresholds={"max_linkage_top1": 0}, enforce=False, attackers=["telea"]
     )
@@ -144,3 +147,8 @@ def test_enforce_false_records_the_override_and_goes_on(tiny_project, tmp_path: 
     assert metrics["gate"]["passed"] is False and metrics["gate"]["overridden"] is True
     assert "overridden by attack.enforce: false" in metrics["gate"]["message"]
     assert "learned" not in metrics["attackers"]
+
+    monkeypatch.chdir(paths.root)
+    summary = CliRunner().invoke(app, ["summary"])
+    assert summary.exit_code == 0
+    assert "best attacker telea" in summary.output and "overridden by attack.enforce: false" in summary.output

@@ -31,19 +31,19 @@ def test_unknown_backbone_is_named():
 def test_checkpoint_round_trip_restores_the_same_function(tmp_path: Path):
     torch.manual_seed(0)
     model = build_backbone("small_cnn", 1, 10).eval()
-    save_checkpoint(tmp_path / "m.pt", model, backbone="small_cnn", in_channels=1, num_classes=10)
-    loaded, spec = load_checkpoint(tmp_path / "m.pt")
+    save_checkpoint(tmp_path / "m.npz", model, backbone="small_cnn", in_channels=1, num_classes=10)
+    loaded, spec = load_checkpoint(tmp_path / "m.npz")
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), model(x))
     assert spec["num_classes"] == 10 and not loaded.training
 
 
 def test_damaged_checkpoint_is_refused(tmp_path: Path):
-    (tmp_path / "m.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(DesensitizeError, match="m.pt: not a usable checkpoint"):
-        load_checkpoint(tmp_path / "m.pt")
+    (tmp_path / "m.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(DesensitizeError, match="m.npz: not a usable checkpoint"):
+        load_checkpoint(tmp_path / "m.npz")
     with pytest.raises(DesensitizeError, match="model not found"):
-        load_checkpoint(tmp_path / "missing.pt")
+        load_checkpoint(tmp_path / "missing.npz")
 
 
 def test_device_choice():
@@ -68,3 +68,11 @@ def test_reference_training_runs_on_cuda():
                      device=torch.device("cuda"))
     assert next(model.parameters()).is_cuda
     assert predict(model, images, torch.device("cuda")).shape == (64,)
+
+
+def test_checkpoint_bytes_depend_on_the_weights_only(tmp_path: Path):
+    torch.manual_seed(0)
+    model = build_backbone("small_cnn", 1, 10)
+    save_checkpoint(tmp_path / "a.npz", model, backbone="small_cnn", in_channels=1, num_classes=10)
+    save_checkpoint(tmp_path / "b.npz", model, backbone="small_cnn", in_channels=1, num_classes=10)
+    assert (tmp_path / "a.npz").read_bytes() == (tmp_path / "b.npz").read_bytes()

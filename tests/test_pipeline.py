@@ -69,7 +69,7 @@ def _set(project: Path, section: str, key: str, value: object) -> None:
 def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
     assert _ran(_repro(project)) == ["ingest", "reference", "masks", "attack"]
     assert read_manifest(project / "data" / "raw")["source"] == "digits"
-    assert (project / "models" / "reference.pt").is_file()
+    assert (project / "models" / "reference.npz").is_file()
     verify = _run(project, sys.executable, "-m", "desensitize", "verify-release", "data/release")
     assert verify.returncode == 0, verify.stderr
 
@@ -108,9 +108,9 @@ def test_repro_killed_during_reference_completes_when_run_again(project: Path):
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (project / "models" / "reference.pt").exists()  # nothing a later stage would trust
+    assert not (project / "models" / "reference.npz").exists()  # nothing a later stage would trust
 
     output = _repro(project)  # same params: DVC must see the stage as unfinished and rerun it
     assert "Running stage 'reference'" in output
-    assert (project / "models" / "reference.pt").is_file()
+    assert (project / "models" / "reference.npz").is_file()
     assert not list((project / "models").glob(".*.tmp"))

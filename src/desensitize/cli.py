@@ -83,7 +83,7 @@ def ingest(params: ParamsOption = Path("params.yaml")) -> None:
 @_user_errors
 def reference(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """Train the owner's reference classifier on raw train images, test it on raw test images;
-    writes models/reference.pt and metrics/reference.json."""
+    writes models/reference.npz and metrics/reference.json."""
     from desensitize.reference import train_reference
 
     train_reference(load_params(params), Paths(), device=device)
@@ -132,3 +132,32 @@ def attack(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "a
     from desensitize.attacking import run_attack
 
     run_attack(load_params(params), Paths(), device=device)
+
+
+@app.command()
+@_user_errors
+def summary() -> None:
+    """Print the headline figures of the last pipeline run (from metrics/*.json)."""
+    from desensitize.storage import read_json
+
+    paths = Paths()
+    lines = []
+    if paths.reference_metrics.is_file():
+        ref = read_json(paths.reference_metrics)
+        lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f} ({ref['wall_seconds']} s)")
+    if paths.masks_metrics.is_file():
+        m = read_json(paths.masks_metrics)
+        lines.append(
+            f"masks      {m['strategy']}/{m['method'] or '-'}, {m['scope']} scope: {m['n_hidden_cells']} of {m['n_cells']} "
+            f"cells hidden; reference accuracy on masked test {m['reference_accuracy_on_masked_test']:.4f} "
+            f"(random mask {m['reference_accuracy_on_random_masked_test']:.4f})"
+        )
+    if paths.attack_metrics.is_file():
+        a = read_json(paths.attack_metrics)
+        best = a["attackers"][a["best_attacker"]]
+        lines.append(
+            f"attack     best attacker {a['best_attacker']}: PSNR gain {best['psnr_gain']:+.2f} dB, linkage "
+            f"{best['linkage_top1']:.3f} (chance {a['linkage_chance']:.3f}); hidden information {a['hidden_information']:.3f}"
+        )
+        lines.append(f"gate       {a['gate']['message']}")
+    typer.echo("\n".join(lines) if lines else "no metrics yet: run `dvc repro` first")

@@ -19,7 +19,7 @@ from desensitize.config import Params, SplitParams
 from desensitize.errors import DesensitizeError
 from desensitize.paths import SPLITS, Paths
 from desensitize.sources import Source, load_source
-from desensitize.storage import atomic_dir, read_json, read_shards, write_json, write_shards
+from desensitize.storage import atomic_dir, read_shards, read_versioned_json, write_json, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -115,10 +115,7 @@ def ingest(params: Params, paths: Paths) -> dict[str, Any]:
 
 
 def read_manifest(raw_dir: Path) -> dict[str, Any]:
-    manifest = read_json(Path(raw_dir) / MANIFEST)
-    if manifest.get("format") != FORMAT_VERSION:
-        raise DesensitizeError(f"{raw_dir / MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT_VERSION}")
-    return manifest
+    return read_versioned_json(Path(raw_dir) / MANIFEST, FORMAT_VERSION)
 
 
 def load_split(raw_dir: Path, split: str) -> Split:

@@ -7,15 +7,19 @@ several captum methods need the pre-activation values intact.
 
 from __future__ import annotations
 
-import pickle
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from desensitize.errors import DesensitizeError
-from desensitize.storage import atomic_path
+from desensitize.storage import read_arrays, write_arrays
+
+SPEC = "spec"
+STATE = "state/"
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -77,22 +81,29 @@ def build_backbone(name: str, in_channels: int, num_classes: int) -> Backbone:
 
 
 def save_checkpoint(path: Path, model: Backbone, **spec: Any) -> None:
-    """Save weights with what it takes to rebuild the model (`backbone`, `in_channels`, `num_classes`...)."""
-    with atomic_path(path) as tmp:
-        torch.save({"spec": spec, "state_dict": model.state_dict()}, tmp)
+    """Save weights with what it takes to rebuild the model (`backbone`, `in_channels`, `num_classes`...).
+
+    The file is an `.npz` of the state dict plus the spec as JSON, written deterministically:
+    the same weights always give the same bytes, so DVC sees a retrained-but-identical model
+    as unchanged. No pickle: loading it cannot run code.
+    """
+    arrays = {f"{STATE}{name}": tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}
+    arrays[SPEC] = np.frombuffer(json.dumps(spec, sort_keys=True).encode(), dtype=np.uint8)
+    write_arrays(path, **arrays)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Backbone, dict[str, Any]]:
     """Rebuild a model saved by `save_checkpoint`; returns it in eval mode with its spec."""
     path = Path(path)
+    if not path.is_file():
+        raise DesensitizeError(f"{path}: model not found (run the stage that trains it first)")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-        spec = checkpoint["spec"]
+        arrays = read_arrays(path)
+        spec = json.loads(arrays.pop(SPEC).tobytes())
         model = build_backbone(spec["backbone"], spec["in_channels"], spec["num_classes"])
-        model.load_state_dict(checkpoint["state_dict"])
-    except FileNotFoundError:
-        raise DesensitizeError(f"{path}: model not found (run the stage that trains it first)") from None
-    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        state = {name.removeprefix(STATE): torch.from_numpy(a) for name, a in arrays.items()}
+        model.load_state_dict(state)
+    except (DesensitizeError, RuntimeError, KeyError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DesensitizeError(f"{path}: not a usable checkpoint ({reason})") from None
     return model.to(device).eval(), spec

@@ -18,7 +18,7 @@ class Paths:
 
     @property
     def reference_model(self) -> Path:
-        return self.root / "models" / "reference.pt"
+        return self.root / "models" / "reference.npz"
 
     @property
     def metrics(self) -> Path:

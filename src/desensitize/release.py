@@ -24,7 +24,7 @@ import desensitize
 from desensitize.errors import DesensitizeError
 from desensitize.ingest import load_split
 from desensitize.masks import cell_scores, fill_values, grid_shape
-from desensitize.storage import read_json, read_shards, write_json, write_shards
+from desensitize.storage import read_shards, read_versioned_json, write_json, write_shards
 
 RELEASE_JSON = "release.json"
 FORMAT_VERSION = 1
@@ -82,10 +82,7 @@ def write_release(
 
 
 def read_release_info(directory: Path) -> dict[str, Any]:
-    release = read_json(Path(directory) / RELEASE_JSON)
-    if release.get("format") != FORMAT_VERSION:
-        raise DesensitizeError(f"{directory / RELEASE_JSON}: format {release.get('format')!r}, expected {FORMAT_VERSION}")
-    return release
+    return read_versioned_json(Path(directory) / RELEASE_JSON, FORMAT_VERSION)
 
 
 def load_released(directory: Path, split: str) -> ReleasedSplit:

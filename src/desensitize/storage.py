@@ -84,6 +84,15 @@ def read_json(path: Path) -> Any:
         raise DesensitizeError(f"{path}: not valid JSON ({exc})") from None
 
 
+def read_versioned_json(path: Path, version: int) -> Any:
+    """Read a JSON record and refuse one written in another `format` version."""
+    record = read_json(path)
+    if not isinstance(record, dict) or record.get("format") != version:
+        found = record.get("format") if isinstance(record, dict) else None
+        raise DesensitizeError(f"{path}: format {found!r}, expected {version}")
+    return record
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
