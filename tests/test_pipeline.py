@@ -25,6 +25,7 @@ def _tiny() -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["source"] = "digits"
     params["reference"].update(epochs=2, batch_size=64)
+    params["train"].update(epochs=1, batch_size=64)
     params["masks"]["cell"] = 2
     params["attack"].update(sample=200, attackers=["telea", "learned"])
     params["attack"]["learned"].update(epochs=2, width=8)
@@ -57,7 +58,8 @@ def _repro(project: Path) -> str:
 
 
 def _ran(output: str) -> list[str]:
-    return [stage for stage in ("ingest", "reference", "masks", "attack") if f"Running stage '{stage}'" in output]
+    stages = ("ingest", "reference", "masks", "attack", "train", "baselines", "evaluate")
+    return [stage for stage in stages if f"Running stage '{stage}'" in output]
 
 
 def _set(project: Path, section: str, key: str, value: object) -> None:
@@ -67,7 +69,7 @@ def _set(project: Path, section: str, key: str, value: object) -> None:
 
 
 def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
-    assert _ran(_repro(project)) == ["ingest", "reference", "masks", "attack"]
+    assert _ran(_repro(project)) == ["ingest", "reference", "masks", "attack", "train", "baselines", "evaluate"]
     assert read_manifest(project / "data" / "raw")["source"] == "digits"
     assert (project / "models" / "reference.npz").is_file()
     verify = _run(project, sys.executable, "-m", "desensitize", "verify-release", "data/release")
@@ -76,11 +78,11 @@ def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
     assert _ran(_repro(project)) == []
 
     _set(project, "masks", "hidden_ratio", 0.5)
-    assert _ran(_repro(project)) == ["masks", "attack"]
+    assert _ran(_repro(project)) == ["masks", "attack", "train", "baselines", "evaluate"]
     assert json.loads((project / "metrics" / "masks.json").read_text())["n_hidden_cells"] == 8
 
     _set(project, "reference", "epochs", 1)
-    assert _ran(_repro(project)) == ["reference", "masks", "attack"]
+    assert _ran(_repro(project)) == ["reference", "masks", "attack", "train", "baselines", "evaluate"]
     status = _run(project, sys.executable, "-m", "dvc", "status")
     assert "up to date" in status.stdout
 

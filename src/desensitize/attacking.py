@@ -20,10 +20,10 @@ from desensitize import attacks, privacy
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
 from desensitize.ingest import load_split
-from desensitize.masks import apply_mask, fill_values, random_masks
+from desensitize.masking import like_release, random_counterpart
 from desensitize.models import load_checkpoint
 from desensitize.paths import Paths
-from desensitize.release import FILL_STREAMS, load_released, read_release_info
+from desensitize.release import load_released, read_release_info
 from desensitize.reports import heatmap, image_grid
 from desensitize.storage import atomic_path, write_json
 from desensitize.training import best_device, predict, to_float
@@ -111,15 +111,10 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     )
 
     # The comparison: a seeded random mask of the same ratio, grid, scope and fill.
-    _, _, height, width = raw.images.shape
-    count = None if info["scope"] == "set" else n
-    rand = random_masks(count, height, width, info["cell"], info["hidden_ratio_requested"], params.seed)
-    rand = np.broadcast_to(rand, (n, height, width)) if count is None else rand
-    rand_fill = fill_values(info["fill"], raw.images.shape, np.asarray(info["fill_value"]), params.seed,
-                            FILL_STREAMS["train"])  # fmt: skip
-    rand_released = apply_mask(raw.images, np.ascontiguousarray(rand), rand_fill)[idx]
+    fill_value = np.asarray(info["fill_value"], dtype=np.uint8)
+    rand = random_counterpart(like_release(info), {"train": raw}, fill_value, params.seed)["train"]
     random = attack_suite(
-        rand_released, np.ascontiguousarray(rand[idx]), raw_sample, labels, public, fill, params, model, torch_device
+        rand.images[idx], rand.masks[idx], raw_sample, labels, public, fill, params, model, torch_device
     )
 
     verdict = privacy.gate(release["attackers"], cfg.thresholds)

@@ -160,4 +160,41 @@ def summary() -> None:
             f"{best['linkage_top1']:.3f} (chance {a['linkage_chance']:.3f}); hidden information {a['hidden_information']:.3f}"
         )
         lines.append(f"gate       {a['gate']['message']}")
+    if paths.evaluate_metrics.is_file():
+        e = read_json(paths.evaluate_metrics)
+        acc = ", ".join(f"{name} {value:.4f}" for name, value in e["accuracy"].items())
+        lines.append(
+            f"evaluate   test accuracy: {acc}; masknet over plain {e['masknet_over_plain']:+.4f}, "
+            f"this mask over random {e['saliency_over_random']:+.4f}"
+        )
     typer.echo("\n".join(lines) if lines else "no metrics yet: run `dvc repro` first")
+
+
+@app.command()
+@_user_errors
+def train(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
+    """The trainer's view: from data/release alone, train `plain` (masked images as ordinary ones)
+    and `masknet` (the feature selection MaskNet, which also reads the mask) into models/."""
+    from desensitize.recognition import train_on_release
+
+    train_on_release(load_params(params), Paths(), device=device)
+
+
+@app.command()
+@_user_errors
+def baselines(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
+    """Owner side: train `raw` (raw images, the upper bound) and `plain_random` (a random mask of the
+    release's ratio, grid, scope and fill) with the same backbone, epochs and seed."""
+    from desensitize.recognition import train_baselines
+
+    train_baselines(load_params(params), Paths(), device=device)
+
+
+@app.command()
+@_user_errors
+def evaluate(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
+    """Accuracy of raw / plain_random / plain / masknet on their masked test sets; writes
+    metrics/evaluate.json, confusion matrices and a table in reports/evaluate/."""
+    from desensitize.evaluating import evaluate as run
+
+    run(load_params(params), Paths(), device=device)

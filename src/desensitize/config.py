@@ -51,7 +51,9 @@ class DataParams(_Section):
     shard_size: int = Field(10_000, ge=100, le=1_000_000)
 
 
-class ReferenceParams(_Section):
+class ClassifierParams(_Section):
+    """How a classifier is trained: the reference model, and every model of the train stages."""
+
     backbone: Literal[BACKBONES] = "small_cnn"  # type: ignore[valid-type]
     epochs: int = Field(8, ge=1, le=1000)
     batch_size: int = Field(64, ge=1, le=65_536)
@@ -106,9 +108,10 @@ class AttackParams(_Section):
 class Params(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataParams = DataParams()
-    reference: ReferenceParams = ReferenceParams()
+    reference: ClassifierParams = ClassifierParams()
     masks: MaskParams = MaskParams()
     attack: AttackParams = AttackParams()
+    train: ClassifierParams = ClassifierParams()
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -38,13 +38,42 @@ log = logging.getLogger(__name__)
 
 def _random(cfg: MaskParams, splits: dict[str, Split], seed: int) -> dict[str, np.ndarray]:
     """Seeded random cells: one mask for the set, or one per image (a different stream per split)."""
-    _, _, height, width = splits["train"].images.shape
+    _, _, height, width = next(iter(splits.values())).images.shape
     if cfg.scope == "set":
         mask = random_masks(None, height, width, cfg.cell, cfg.hidden_ratio, seed)
         return {name: mask for name in splits}
     return {
-        name: random_masks(len(split.images), height, width, cfg.cell, cfg.hidden_ratio, seed, stream=k)
-        for k, (name, split) in enumerate(splits.items())
+        name: random_masks(len(split.images), height, width, cfg.cell, cfg.hidden_ratio, seed, stream=FILL_STREAMS[name])
+        for name, split in splits.items()
+    }
+
+
+def like_release(info: dict[str, Any]) -> MaskParams:
+    """The `random` mask settings matching a release (its ratio, grid, scope and fill)."""
+    return MaskParams(
+        strategy="random", scope=info["scope"], hidden_ratio=info["hidden_ratio_requested"], cell=info["cell"],
+        fill=info["fill"],
+    )  # fmt: skip
+
+
+def channel_mean(train: Split) -> np.ndarray:
+    """The per-channel mean of the raw train pixels: the `mean` fill."""
+    return np.rint(train.images.mean(axis=(0, 2, 3))).astype(np.uint8)
+
+
+def random_counterpart(
+    cfg: MaskParams, splits: dict[str, Split], mean: np.ndarray, seed: int
+) -> dict[str, ReleasedSplit]:
+    """What a seeded `random` mask of the same ratio, grid, scope and fill would release: the
+    baseline that every comparison of mask strategies uses."""
+    masks = _random(cfg, splits, seed)
+    return {
+        name: ReleasedSplit(
+            mask_images(split, masks[name], cfg.fill, mean, seed, FILL_STREAMS[name]),
+            split.labels,
+            _per_image(masks[name], len(split.images)),
+        )
+        for name, split in splits.items()
     }
 
 
@@ -64,13 +93,19 @@ def _saliency(
         return {name: mask for name in splits}, template, rate
     masks = {"train": mask_from_maps(train_maps, cfg.cell, cfg.hidden_ratio)}
     for name, split in splits.items():
-        if name == "train":
-            continue
-        # Labels are unknown at inference: attribute against the reference model's own prediction.
-        targets = torch.as_tensor(predict(model, split.images, device))
-        maps = attribution_maps(model, to_float(split.images), targets, cfg.attribution, device=device, seed=seed)
-        masks[name] = mask_from_maps(maps.numpy(), cfg.cell, cfg.hidden_ratio)
+        if name != "train":
+            masks[name] = per_image_saliency_masks(model, split.images, cfg, device, seed)
     return masks, template, rate
+
+
+def per_image_saliency_masks(
+    model: torch.nn.Module, images: np.ndarray, cfg: MaskParams, device: torch.device, seed: int
+) -> np.ndarray:
+    """Image-scope masks where labels are unknown (test, inference): each image is attributed
+    against the reference model's own prediction."""
+    targets = torch.as_tensor(predict(model, images, device))
+    maps = attribution_maps(model, to_float(images), targets, cfg.attribution, device=device, seed=seed)
+    return mask_from_maps(maps.numpy(), cfg.cell, cfg.hidden_ratio)
 
 
 def _per_image(mask: np.ndarray, count: int) -> np.ndarray:
@@ -106,10 +141,10 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         mask = geometric_mask(cfg.strategy, height, width, cfg.cell, cfg.hidden_ratio)
         masks = {name: mask for name in splits}
 
-    channel_mean = np.rint(splits["train"].images.mean(axis=(0, 2, 3))).astype(np.uint8)
+    mean = channel_mean(splits["train"])
     released = {
         name: ReleasedSplit(
-            mask_images(split, masks[name], cfg.fill, channel_mean, params.seed, FILL_STREAMS[name]),
+            mask_images(split, masks[name], cfg.fill, mean, params.seed, FILL_STREAMS[name]),
             split.labels,
             _per_image(masks[name], len(split.images)),
         )
@@ -117,9 +152,7 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     }
 
     test = splits["test"]
-    random_test = mask_images(
-        test, _random(cfg, splits, params.seed)["test"], cfg.fill, channel_mean, params.seed, FILL_STREAMS["test"]
-    )
+    random_test = random_counterpart(cfg, {"test": test}, mean, params.seed)["test"].images
     accuracy = {
         "raw": float((predict(model, test.images, torch_device) == test.labels).mean()),
         "masked": float((predict(model, released["test"].images, torch_device) == test.labels).mean()),
@@ -139,7 +172,7 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         "n_cells": gh * gw,
         "n_hidden_cells": n_hidden,
         "fill": cfg.fill,
-        "fill_value": channel_mean.tolist() if cfg.fill == "mean" else [0] * channels,
+        "fill_value": mean.tolist() if cfg.fill == "mean" else [0] * channels,
         "fill_seed": params.seed if cfg.fill == "noise" else None,
         "image_shape": [channels, height, width],
         "class_names": list(test.class_names),

@@ -80,7 +80,17 @@ def build_backbone(name: str, in_channels: int, num_classes: int) -> Backbone:
         raise DesensitizeError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}") from None
 
 
-def save_checkpoint(path: Path, model: Backbone, **spec: Any) -> None:
+def build_model(spec: dict[str, Any]) -> nn.Module:
+    """A classifier from its checkpoint spec: a backbone, or a MaskNet around one (`masknet: true`,
+    `in_channels` counting the image channels only)."""
+    if spec.get("masknet"):
+        from desensitize.masknet import MaskNet
+
+        return MaskNet(build_backbone(spec["backbone"], spec["in_channels"] + 1, spec["num_classes"]))
+    return build_backbone(spec["backbone"], spec["in_channels"], spec["num_classes"])
+
+
+def save_checkpoint(path: Path, model: nn.Module, **spec: Any) -> None:
     """Save weights with what it takes to rebuild the model (`backbone`, `in_channels`, `num_classes`...).
 
     The file is an `.npz` of the state dict plus the spec as JSON, written deterministically:
@@ -92,7 +102,7 @@ def save_checkpoint(path: Path, model: Backbone, **spec: Any) -> None:
     write_arrays(path, **arrays)
 
 
-def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Backbone, dict[str, Any]]:
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model saved by `save_checkpoint`; returns it in eval mode with its spec."""
     path = Path(path)
     if not path.is_file():
@@ -100,7 +110,7 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[Bac
     try:
         arrays = read_arrays(path)
         spec = json.loads(arrays.pop(SPEC).tobytes())
-        model = build_backbone(spec["backbone"], spec["in_channels"], spec["num_classes"])
+        model = build_model(spec)
         state = {name.removeprefix(STATE): torch.from_numpy(a) for name, a in arrays.items()}
         model.load_state_dict(state)
     except (DesensitizeError, RuntimeError, KeyError, ValueError) as exc:

@@ -51,3 +51,18 @@ class Paths:
     @property
     def attack_reports(self) -> Path:
         return self.root / "reports" / "attack"
+
+    def model(self, name: str) -> Path:
+        """A model of the train / baselines stages: raw, plain_random, plain, masknet."""
+        return self.root / "models" / f"{name}.npz"
+
+    def train_history(self, name: str) -> Path:
+        return self.root / "plots" / "train" / f"{name}.csv"
+
+    @property
+    def evaluate_metrics(self) -> Path:
+        return self.metrics / "evaluate.json"
+
+    @property
+    def evaluate_reports(self) -> Path:
+        return self.root / "reports" / "evaluate"

@@ -6,7 +6,6 @@ leaves the owner.
 
 from __future__ import annotations
 
-import csv
 import logging
 from typing import Any
 
@@ -16,8 +15,8 @@ from desensitize.config import Params
 from desensitize.ingest import load_split
 from desensitize.models import build_backbone, save_checkpoint
 from desensitize.paths import Paths
-from desensitize.storage import atomic_path, write_json
-from desensitize.training import accuracy_report, best_device, predict, seed_everything, train_classifier
+from desensitize.storage import write_json
+from desensitize.training import accuracy_report, best_device, predict, seed_everything, train_classifier, write_history
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +63,7 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
         image_shape=list(train.images.shape[1:]),
         class_names=list(train.class_names),
     )
-    with atomic_path(paths.reference_history) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch", "loss", "train_accuracy"])
-        writer.writeheader()
-        writer.writerows(history.epochs)
+    write_history(paths.reference_history, history)
     write_json(paths.reference_metrics, metrics)
     log.info("reference test accuracy %.4f (%.1f s)", metrics["test_accuracy"], history.wall_seconds)
     return metrics

@@ -46,3 +46,23 @@ def image_grid(rows: Sequence[tuple[str, np.ndarray]], path: Path, title: str) -
         axes[r, 0].set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path, title: str) -> None:
+    """Rows: true class, columns: predicted class; counts in the cells."""
+    from matplotlib.figure import Figure
+
+    k = len(class_names)
+    fig = Figure(figsize=(0.45 * k + 2, 0.45 * k + 1.6))
+    ax = fig.subplots()
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(k), class_names, rotation=90, fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("predicted", fontsize=8)
+    ax.set_ylabel("true", fontsize=8)
+    for (i, j), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=6,
+                    color="white" if count > matrix.max() / 2 else "black")  # fmt: skip
+    ax.set_title(title, fontsize=9)
+    _save(fig, path)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import random
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -16,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from desensitize.errors import DesensitizeError
+from desensitize.storage import atomic_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,6 +112,14 @@ def train_classifier(
         log.info("%s epoch %d/%d: loss %.4f, train accuracy %.4f", name, epoch, epochs, row["loss"], row["train_accuracy"])
     history.wall_seconds = time.perf_counter() - start
     return history
+
+
+def write_history(path: Path, history: History) -> None:
+    """The per-epoch curve as CSV (a DVC plot)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch", "loss", "train_accuracy"])
+        writer.writeheader()
+        writer.writerows(history.epochs)
 
 
 @torch.no_grad()

@@ -1,0 +1,79 @@
+"""Inference with a model trained on a release: one call loads it and applies the release's mask,
+so nobody can forget to mask new images the way the training images were masked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from desensitize.config import MaskParams
+from desensitize.errors import DesensitizeError
+from desensitize.masking import per_image_saliency_masks
+from desensitize.masks import apply_mask, fill_values, random_masks
+from desensitize.models import load_checkpoint
+from desensitize.recognition import with_mask_channel
+from desensitize.release import load_released, read_release_info
+from desensitize.training import best_device, predict
+
+INFERENCE_STREAM = 3
+
+
+class MaskedClassifier:
+    """A trained `plain` or `masknet` model bound to the release it was trained on."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        release_dir: Path,
+        *,
+        device: str = "auto",
+        reference_path: Path | None = None,
+        masks: MaskParams | None = None,
+        seed: int = 0,
+    ) -> None:
+        """`reference_path` and `masks` (the masks params the release was made with) are needed only
+        for an image-scope saliency release, whose masks come from the owner's reference model."""
+        self.device = best_device(device)
+        self.model, self.spec = load_checkpoint(model_path, self.device)
+        self.info = read_release_info(release_dir)
+        self.seed = seed
+        self.fill_value = np.asarray(self.info["fill_value"], dtype=np.uint8)
+        self.set_mask = load_released(release_dir, "train").masks[0] if self.info["scope"] == "set" else None
+        self.reference = None
+        self.mask_params = masks
+        if self.set_mask is None and self.info["strategy"] == "saliency":
+            if reference_path is None or masks is None:
+                raise DesensitizeError(
+                    "image-scope saliency release: per-image masks come from the owner's reference model; "
+                    "pass reference_path (models/reference.npz) and the masks params"
+                )
+            self.reference, _ = load_checkpoint(reference_path, self.device)
+
+    def masks_for(self, images: np.ndarray) -> np.ndarray:
+        """The release's masking rule applied to new uint8 images (N, C, H, W): (N, H, W)."""
+        n, _, height, width = images.shape
+        if self.set_mask is not None:
+            if self.set_mask.shape != (height, width):
+                raise DesensitizeError(f"images are {height}x{width}, the release mask is {self.set_mask.shape}")
+            return np.broadcast_to(self.set_mask, (n, height, width))
+        if self.reference is not None:
+            return per_image_saliency_masks(self.reference, images, self.mask_params, self.device, self.seed)
+        if self.info["strategy"] == "random":
+            info = self.info
+            return random_masks(n, height, width, info["cell"], info["hidden_ratio_requested"], self.seed, INFERENCE_STREAM)
+        raise DesensitizeError(f"no inference masking rule for a {self.info['strategy']!r} {self.info['scope']!r} release")
+
+    def release(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mask and fill raw images exactly as the release did: (masked images, masks)."""
+        masks = np.ascontiguousarray(self.masks_for(images))
+        fill = fill_values(self.info["fill"], images.shape, self.fill_value, self.seed, INFERENCE_STREAM)
+        return apply_mask(images, masks, fill), masks
+
+    @torch.no_grad()
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Class indices for raw uint8 images (N, C, H, W); the mask is applied here."""
+        masked, masks = self.release(images)
+        inputs = with_mask_channel(masked, masks) if self.spec.get("masknet") else masked
+        return predict(self.model, inputs, self.device)
