@@ -83,9 +83,9 @@ def main() -> None:
     for method in args.methods:
         cfg = AttributionParams(method=method, ig_steps=args.ig_steps)
         attribution_maps(model, images[:8], targets[:8], cfg, device=device, seed=0)  # warm-up
-        batched = timed(lambda: attribution_maps(model, images, targets, cfg, device=device, seed=0,
-                                                 batch_size=args.batch_size), device)  # fmt: skip
-        loop = timed(lambda: naive(model, images, targets, cfg, device), device)
+        batched = timed(lambda cfg=cfg: attribution_maps(model, images, targets, cfg, device=device, seed=0,
+                                                         batch_size=args.batch_size), device)  # fmt: skip
+        loop = timed(lambda cfg=cfg: naive(model, images, targets, cfg, device), device)
         row = {
             "method": method,
             "batched_images_per_s": len(images) / batched,

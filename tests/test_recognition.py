@@ -67,7 +67,7 @@ def _released_project(tiny_project, tmp_path: Path) -> tuple[object, Paths]:
 def test_trainer_opens_nothing_but_the_release(tiny_project, tmp_path: Path, monkeypatch):
     params, paths = _released_project(tiny_project, tmp_path)
     opened: list[Path] = []
-    real_open, real_io_open = builtins.open, io.open
+    real_open = builtins.open
 
     def spy(file, *args, **kwargs):
         if isinstance(file, (str, Path)):

@@ -198,3 +198,37 @@ def evaluate(params: ParamsOption = Path("params.yaml"), device: DeviceOption = 
     from desensitize.evaluating import evaluate as run
 
     run(load_params(params), Paths(), device=device)
+
+
+def _split(text: str, kind: type) -> list:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise DesensitizeError(f"{text!r}: expected a comma-separated list of {kind.__name__}") from None
+
+
+@app.command()
+@_user_errors
+def sweep(
+    params: ParamsOption = Path("params.yaml"),
+    out: Annotated[Path, typer.Option(help="Where the results and the per-point workspaces go.")] = Path("reports/sweep"),
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    scopes: Annotated[str, typer.Option(help="Comma-separated mask scopes: set, image.")] = "set,image",
+    ratios: Annotated[str, typer.Option(help="Comma-separated hidden ratios.")] = "0.25,0.5,0.75",
+    strategies: Annotated[str, typer.Option(help="Comma-separated strategies: saliency, random, ...")] = "saliency,random",
+    attack: Annotated[bool, typer.Option(help="Run the attack suite at every point (privacy axis).")] = True,
+    device: DeviceOption = "auto",
+) -> None:
+    """The privacy-utility frontier: run masks -> attack -> train -> baselines -> evaluate for every
+    seed x scope x ratio x strategy (other settings from the params file). Writes results.csv,
+    summary.md (mean +- std over seeds) and frontier.png to --out."""
+    from desensitize.config import parse_params
+    from desensitize.sweep import run_sweep
+
+    base = load_params(params)
+    grid = {"scope": _split(scopes, str), "hidden_ratio": _split(ratios, float), "strategy": _split(strategies, str)}
+    for key, values in grid.items():  # validate every value through the params model, before any work
+        for value in values:
+            parse_params({"masks": {key: value}}, origin=f"--{key.replace('hidden_', '')}s")
+    run_sweep(base, out, seeds=_split(seeds, int), scopes=grid["scope"], ratios=grid["hidden_ratio"],
+              strategies=grid["strategy"], attack=attack, device=device)  # fmt: skip

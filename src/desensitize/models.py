@@ -97,7 +97,7 @@ def save_checkpoint(path: Path, model: nn.Module, **spec: Any) -> None:
     the same weights always give the same bytes, so DVC sees a retrained-but-identical model
     as unchanged. No pickle: loading it cannot run code.
     """
-    arrays = {f"{STATE}{name}": tensor.detach().cpu().numpy() for name, tensor in model.state_dict().items()}
+    arrays = {f"{STATE}{name}": t.detach().cpu().numpy() for name, t in model.state_dict().items()}
     arrays[SPEC] = np.frombuffer(json.dumps(spec, sort_keys=True).encode(), dtype=np.uint8)
     write_arrays(path, **arrays)
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
 from desensitize.config import Params
 from desensitize.ingest import load_split
-from desensitize.models import build_backbone, save_checkpoint
 from desensitize.paths import Paths
 from desensitize.storage import write_json
-from desensitize.training import accuracy_report, best_device, predict, seed_everything, train_classifier, write_history
+from desensitize.training import accuracy_report, best_device, fit, predict
 
 log = logging.getLogger(__name__)
 
@@ -27,21 +24,11 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
     test = load_split(paths.raw, "test")
     torch_device = best_device(device)
     cfg = params.reference
-    seed_everything(params.seed)  # the initial weights too
-    model = build_backbone(cfg.backbone, train.images.shape[1], len(train.class_names))
     log.info("training reference %s on %d images (%s)", cfg.backbone, len(train.images), torch_device)
-    history = train_classifier(
-        model,
-        train.images,
-        train.labels,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        seed=params.seed,
-        device=torch_device,
-        name="reference",
-    )
+    model, history = fit(
+        cfg, train.images, train.labels, train.class_names, seed=params.seed, masknet=False, device=torch_device,
+        model_path=paths.reference_model, history_path=paths.reference_history, name="reference",
+    )  # fmt: skip
     report = accuracy_report(predict(model, test.images, torch_device), test.labels, test.class_names)
     metrics = {
         "test_accuracy": report["accuracy"],
@@ -54,16 +41,6 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
         "wall_seconds": round(history.wall_seconds, 2),
         "device": torch_device.type,
     }
-    save_checkpoint(
-        paths.reference_model,
-        model.cpu(),
-        backbone=cfg.backbone,
-        in_channels=int(train.images.shape[1]),
-        num_classes=len(train.class_names),
-        image_shape=list(train.images.shape[1:]),
-        class_names=list(train.class_names),
-    )
-    write_history(paths.reference_history, history)
     write_json(paths.reference_metrics, metrics)
     log.info("reference test accuracy %.4f (%.1f s)", metrics["test_accuracy"], history.wall_seconds)
     return metrics

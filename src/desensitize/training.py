@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from desensitize.config import ClassifierParams
 from desensitize.errors import DesensitizeError
+from desensitize.models import build_model, save_checkpoint
 from desensitize.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,35 @@ def train_classifier(
         log.info("%s epoch %d/%d: loss %.4f, train accuracy %.4f", name, epoch, epochs, row["loss"], row["train_accuracy"])
     history.wall_seconds = time.perf_counter() - start
     return history
+
+
+def fit(
+    cfg: ClassifierParams,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str] | tuple[str, ...],
+    *,
+    seed: int,
+    masknet: bool,
+    device: torch.device,
+    model_path: Path,
+    history_path: Path,
+    name: str,
+) -> tuple[nn.Module, History]:
+    """Build, train and save one classifier (a MaskNet when `masknet`: the mask is the last channel of
+    `images`); writes the checkpoint and its training curve."""
+    channels = images.shape[1] - (1 if masknet else 0)
+    spec = {"backbone": cfg.backbone, "in_channels": channels, "num_classes": len(class_names),
+            "image_shape": [channels, *images.shape[2:]], "class_names": list(class_names), "masknet": masknet}  # fmt: skip
+    seed_everything(seed)  # the initial weights too
+    model = build_model(spec)
+    history = train_classifier(
+        model, images, labels, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, seed=seed, device=device, name=name,
+    )  # fmt: skip
+    save_checkpoint(model_path, model, **spec)
+    write_history(history_path, history)
+    return model, history
 
 
 def write_history(path: Path, history: History) -> None:
