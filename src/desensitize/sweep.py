@@ -110,10 +110,11 @@ def _write(out: Path, rows: list[dict[str, Any]], attack: bool) -> None:
                 values = np.array([m["masknet"] - m["plain"] for m in members])
             else:
                 values = np.array([m[column] for m in members], dtype=float)
-            cells.append(f"{values.mean():.4f} ± {values.std(ddof=1) if len(values) > 1 else 0:.4f}")
+            cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}")
         lines.append(f"| {scope} | {ratio:g} | {strategy} | {len(members)} | " + " | ".join(cells) + " |")
     with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text("Mean ± sample standard deviation over seeds.\n\n" + "\n".join(lines) + "\n")
+        tmp.write_text("Mean ± sample standard deviation over seeds (a single value where one seed ran).\n\n"
+                       + "\n".join(lines) + "\n")  # fmt: skip
     if attack:
         _frontier(out, rows)
 
