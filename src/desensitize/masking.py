@@ -66,10 +66,16 @@ def random_counterpart(
 ) -> dict[str, ReleasedSplit]:
     """What a seeded `random` mask of the same ratio, grid, scope and fill would release: the
     baseline that every comparison of mask strategies uses."""
-    masks = _random(cfg, splits, seed)
+    return _masked(splits, _random(cfg, splits, seed), cfg.fill, mean, seed)
+
+
+def _masked(
+    splits: dict[str, Split], masks: dict[str, np.ndarray], fill: str, mean: np.ndarray, seed: int
+) -> dict[str, ReleasedSplit]:
+    """Apply each split's mask(s) and fill (noise drawn from the split's own stream)."""
     return {
         name: ReleasedSplit(
-            mask_images(split, masks[name], cfg.fill, mean, seed, FILL_STREAMS[name]),
+            mask_images(split, masks[name], fill, mean, seed, FILL_STREAMS[name]),
             split.labels,
             _per_image(masks[name], len(split.images)),
         )
@@ -142,14 +148,7 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         masks = {name: mask for name in splits}
 
     mean = channel_mean(splits["train"])
-    released = {
-        name: ReleasedSplit(
-            mask_images(split, masks[name], cfg.fill, mean, params.seed, FILL_STREAMS[name]),
-            split.labels,
-            _per_image(masks[name], len(split.images)),
-        )
-        for name, split in splits.items()
-    }
+    released = _masked(splits, masks, cfg.fill, mean, params.seed)
 
     test = splits["test"]
     random_test = random_counterpart(cfg, {"test": test}, mean, params.seed)["test"].images
