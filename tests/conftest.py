@@ -71,3 +71,16 @@ def tiny_params(**masks: object):
             "masks": {"cell": 2, "hidden_ratio": 0.5, **masks},
         }
     )
+
+
+def copy_project(tiny_project, root: Path):
+    """A writable copy of the tiny project's raw data and reference model under `root`."""
+    import shutil
+
+    from desensitize.paths import Paths
+
+    _, source = tiny_project
+    paths = Paths(root)
+    shutil.copytree(source.raw, paths.raw)
+    shutil.copytree(source.reference_model.parent, paths.reference_model.parent)
+    return paths

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from torch import nn
 
 from typer.testing import CliRunner
 
-from conftest import tiny_params
+from conftest import copy_project, tiny_params
 from desensitize.cli import app
 from desensitize import attacks, privacy
 from desensitize.attacking import attack_suite, run_attack
@@ -113,10 +112,7 @@ def test_classical_attackers_keep_visible_pixels_and_restore_a_flat_image():
 
 
 def _project(tiny_project, tmp_path: Path, **attack) -> tuple[object, Paths]:
-    _, source = tiny_project
-    paths = Paths(tmp_path / "project")
-    shutil.copytree(source.raw, paths.raw)
-    shutil.copytree(source.reference_model.parent, paths.reference_model.parent)
+    paths = copy_project(tiny_project, tmp_path / "project")
     base = tiny_params().model_dump(mode="json")
     base["attack"] = {"sample": 100, "learned": {"epochs": 2, "width": 8}, **attack}
     params = parse_params(base)

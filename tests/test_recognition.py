@@ -3,14 +3,13 @@ from __future__ import annotations
 import builtins
 import io
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_params
+from conftest import copy_project, tiny_params
 from desensitize.evaluating import evaluate
 from desensitize.inference import MaskedClassifier
 from desensitize.masking import generate_masks
@@ -55,10 +54,7 @@ def test_masknet_training_lowers_the_loss_on_a_tiny_set():
 
 
 def _released_project(tiny_project, tmp_path: Path) -> tuple[object, Paths]:
-    _, source = tiny_project
-    paths = Paths(tmp_path / "project")
-    shutil.copytree(source.raw, paths.raw)
-    shutil.copytree(source.reference_model.parent, paths.reference_model.parent)
+    paths = copy_project(tiny_project, tmp_path / "project")
     params = tiny_params(hidden_ratio=0.25)
     generate_masks(params, paths, device="cpu")
     return params, paths

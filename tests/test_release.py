@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_params
+from conftest import copy_project, tiny_params
 from desensitize.cli import app
 from desensitize.errors import DesensitizeError
 from desensitize.ingest import load_split
@@ -19,11 +18,7 @@ from desensitize.storage import sha256_file, write_arrays
 
 
 def _copy(tiny_project, tmp_path: Path) -> Paths:
-    _, source = tiny_project
-    paths = Paths(tmp_path / "project")
-    shutil.copytree(source.raw, paths.raw)
-    shutil.copytree(source.reference_model.parent, paths.reference_model.parent)
-    return paths
+    return copy_project(tiny_project, tmp_path / "project")
 
 
 def _checksums(paths: Paths) -> dict:
