@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from desensitize.config import load_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
+from desensitize.stages import run_stage
 
 app = typer.Typer(
     help="Desensitize an image set by masking, with recognition support (arXiv 2312.08975). "
@@ -74,9 +75,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug lo
 def ingest(params: ParamsOption = Path("params.yaml")) -> None:
     """Read the source named by data.source and write seeded, stratified, disjoint train / test /
     public shards plus manifest.json to data/raw/."""
-    from desensitize.ingest import ingest as run
-
-    run(load_params(params), Paths())
+    run_stage("ingest", load_params(params), Paths())
 
 
 @app.command()
@@ -84,9 +83,7 @@ def ingest(params: ParamsOption = Path("params.yaml")) -> None:
 def reference(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """Train the owner's reference classifier on raw train images, test it on raw test images;
     writes models/reference.npz and metrics/reference.json."""
-    from desensitize.reference import train_reference
-
-    train_reference(load_params(params), Paths(), device=device)
+    run_stage("reference", load_params(params), Paths(), device)
 
 
 @app.command("check-params")
@@ -101,9 +98,7 @@ def check_params(params: ParamsOption = Path("params.yaml")) -> None:
 def masks(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """Attribute every train image with the reference model (captum), build the mask, and write the
     verified release bundle to data/release/, metrics/masks.json and figures in reports/masks/."""
-    from desensitize.masking import generate_masks
-
-    generate_masks(load_params(params), Paths(), device=device)
+    run_stage("masks", load_params(params), Paths(), device)
 
 
 @app.command("verify-release")
@@ -129,9 +124,7 @@ def attack(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "a
     """The privacy gate: inpainting attackers (OpenCV, scikit-image, a U-Net trained on the public
     split) try to restore the release's hidden pixels; writes metrics/attack.json and
     reports/attack/. Exits 2 when an attacker breaks a threshold (unless attack.enforce is false)."""
-    from desensitize.attacking import run_attack
-
-    run_attack(load_params(params), Paths(), device=device)
+    run_stage("attack", load_params(params), Paths(), device)
 
 
 @app.command()
@@ -175,9 +168,7 @@ def summary() -> None:
 def train(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """The trainer's view: from data/release alone, train `plain` (masked images as ordinary ones)
     and `masknet` (the feature selection MaskNet, which also reads the mask) into models/."""
-    from desensitize.recognition import train_on_release
-
-    train_on_release(load_params(params), Paths(), device=device)
+    run_stage("train", load_params(params), Paths(), device)
 
 
 @app.command()
@@ -185,9 +176,7 @@ def train(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "au
 def baselines(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """Owner side: train `raw` (raw images, the upper bound) and `plain_random` (a random mask of the
     release's ratio, grid, scope and fill) with the same backbone, epochs and seed."""
-    from desensitize.recognition import train_baselines
-
-    train_baselines(load_params(params), Paths(), device=device)
+    run_stage("baselines", load_params(params), Paths(), device)
 
 
 @app.command()
@@ -195,9 +184,7 @@ def baselines(params: ParamsOption = Path("params.yaml"), device: DeviceOption =
 def evaluate(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """Accuracy of raw / plain_random / plain / masknet on their masked test sets; writes
     metrics/evaluate.json, confusion matrices and a table in reports/evaluate/."""
-    from desensitize.evaluating import evaluate as run
-
-    run(load_params(params), Paths(), device=device)
+    run_stage("evaluate", load_params(params), Paths(), device)
 
 
 def _split(text: str, kind: type) -> list:
