@@ -81,12 +81,13 @@ def build_backbone(name: str, in_channels: int, num_classes: int) -> Backbone:
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
-    """A classifier from its checkpoint spec: a backbone, or a MaskNet around one (`masknet: true`,
-    `in_channels` counting the image channels only)."""
-    if spec.get("masknet"):
+    """A classifier from its checkpoint spec: a backbone, or a MaskNet around one (`masknet`: true, or
+    a dict of MaskNet options; `in_channels` counts the image channels only)."""
+    if masknet := spec.get("masknet"):
         from desensitize.masknet import MaskNet
 
-        return MaskNet(build_backbone(spec["backbone"], spec["in_channels"] + 1, spec["num_classes"]))
+        options = masknet if isinstance(masknet, dict) else {}
+        return MaskNet(build_backbone(spec["backbone"], spec["in_channels"] + 1, spec["num_classes"]), **options)
     return build_backbone(spec["backbone"], spec["in_channels"], spec["num_classes"])
 
 
