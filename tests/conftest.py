@@ -177,3 +177,32 @@ def prefect_harness(prefect_env):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def run_flow(project: Path, **parameters):
+    """Run the Prefect flow on `project` (CPU); returns its final state."""
+    from flows.pipeline import desensitization_pipeline
+
+    return desensitization_pipeline(params_file=str(project / "params.yaml"), device="cpu", return_state=True, **parameters)
+
+
+@pytest.fixture(scope="session")
+def flow_project(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
+    """A tiny project run twice by the flow with the same params: (project, remote, first state,
+    second state, output mtimes after the first run). Tests copy it; they do not change it."""
+    base = tmp_path_factory.mktemp("flow")
+    project = make_dvc_project(base / "project", base / "remote")
+    first = run_flow(project)
+    outputs = ("models/reference.npz", "data/release/release.json", "metrics/evaluate.json")
+    stamps = {path: (project / path).stat().st_mtime_ns for path in outputs}
+    second = run_flow(project)
+    return project, base / "remote", first, second, stamps
+
+
+def copy_flow_project(flow_project, root: Path) -> Path:
+    """A writable copy of the flow-run project (git, DVC cache and outputs) at `root`; it shares
+    the original's DVC remote."""
+    import shutil
+
+    shutil.copytree(flow_project[0], root, symlinks=True)
+    return root

@@ -13,20 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_dvc_project
+from conftest import copy_flow_project, run_flow
 
 pytestmark = pytest.mark.slow
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, timeout=300)
-
-
-def _run(project: Path, **parameters):
-    """Run the flow on `project`; returns its final state."""
-    from flows.pipeline import desensitization_pipeline
-
-    return desensitization_pipeline(params_file=str(project / "params.yaml"), device="cpu", return_state=True, **parameters)
 
 
 def _files(directory: Path) -> dict[str, str]:
@@ -49,24 +42,6 @@ def _report(state) -> str:
         )
     (artifact,) = [a for a in artifacts if a.key == "desensitization-report"]
     return artifact.data
-
-
-@pytest.fixture(scope="session")
-def flow_project(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
-    """A tiny project run twice by the flow with the same params: (project, remote, first, second
-    state, output fingerprints after the first run). Tests copy it; they do not change it."""
-    base = tmp_path_factory.mktemp("flow")
-    project = make_dvc_project(base / "project", base / "remote")
-    first = _run(project)
-    stamps = {p: (project / p).stat().st_mtime_ns for p in ("models/reference.npz", "data/release/release.json", "metrics/evaluate.json")}
-    second = _run(project)
-    return project, base / "remote", first, second, stamps
-
-
-def _copy(flow_project, tmp_path: Path) -> Path:
-    project = tmp_path / "project"
-    shutil.copytree(flow_project[0], project, symlinks=True)
-    return project
 
 
 def test_flow_runs_every_stage_once_then_nothing(flow_project):
@@ -110,7 +85,7 @@ def test_flow_run_is_named_and_reports_metrics_and_verdict(flow_project):
 def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import desensitize.ingest
 
-    project = _copy(flow_project, tmp_path)
+    project = copy_flow_project(flow_project, tmp_path / "project")
     shutil.rmtree(project / "data" / "raw")  # ingest is stale; it rewrites the same bytes
     real, calls = desensitize.ingest.ingest, []
 
@@ -121,7 +96,7 @@ def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monke
         return real(*args, **kwargs)
 
     monkeypatch.setattr(desensitize.ingest, "ingest", flaky)
-    state = _run(project)
+    state = run_flow(project)
     assert state.is_completed(), state.message
     assert len(calls) == 2
     assert state.result()["executed"] == ["ingest"]  # same data/raw hash: nothing downstream is stale
@@ -129,10 +104,10 @@ def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monke
 
 
 def test_failed_gate_fails_the_run_and_pushes_nothing(flow_project, tmp_path: Path):
-    project = _copy(flow_project, tmp_path)
+    project = copy_flow_project(flow_project, tmp_path / "project")
     remote = flow_project[1]
     before = _files(remote)
-    state = _run(project, overrides={"attack.thresholds.max_linkage_top1": 0})
+    state = run_flow(project, overrides={"attack.thresholds.max_linkage_top1": 0})
 
     assert state.is_failed()
     assert "privacy gate FAILED" in state.message and "linkage_top1" in state.message
@@ -151,18 +126,18 @@ def test_failed_gate_fails_the_run_and_pushes_nothing(flow_project, tmp_path: Pa
     ],
 )
 def test_bad_input_fails_before_any_work(flow_project, tmp_path: Path, change, overrides, expected):
-    project = _copy(flow_project, tmp_path)
+    project = copy_flow_project(flow_project, tmp_path / "project")
     if change:
         assert _dvc(project, *change).returncode == 0
     before = _files(project)
-    state = _run(project, overrides=overrides)
+    state = run_flow(project, overrides=overrides)
     assert state.is_failed()
     assert expected in state.message
     assert _files(project) == before  # params.yaml, dvc.lock and every output untouched
 
 
 def test_fresh_clone_and_dvc_pull_restore_the_release(flow_project, tmp_path: Path):
-    project = _copy(flow_project, tmp_path)
+    project = copy_flow_project(flow_project, tmp_path / "project")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     for command in (["git", "add", "-A"], [*git, "commit", "-qm", "run"], ["git", "clone", "-q", str(project), str(tmp_path / "clone")]):
         subprocess.run(command, cwd=project, check=True, capture_output=True, timeout=60)
