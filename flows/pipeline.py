@@ -45,10 +45,11 @@ def _unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _run_name() -> str:
-    """e.g. `params.yaml 2026-11-26 02:00Z masks.hidden_ratio=0.5`."""
+    """The project, the start time and the overrides, e.g. `desensitize 2026-11-26 02:00Z masks.hidden_ratio=0.5`."""
     parameters = flow_run.parameters
+    project = Path(parameters.get("params_file", "params.yaml")).resolve().parent.name
     overrides = parameters.get("overrides") or {}
-    name = f"{Path(parameters.get('params_file', 'params.yaml')).name} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z"
+    name = f"{project} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z"
     return " ".join([name, *(f"{key}={value}" for key, value in sorted(overrides.items()))])
 
 

@@ -75,7 +75,7 @@ def test_flow_run_is_named_and_reports_metrics_and_verdict(flow_project):
     first = flow_project[2]
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(first.state_details.flow_run_id)
-    assert run.name.startswith("params.yaml ")
+    assert run.name.startswith("project 20")  # the project directory and the start time
     report = _report(first)
     assert "privacy gate passed" in report
     assert "| reference.json | test_accuracy |" in report
@@ -101,6 +101,24 @@ def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monke
     assert len(calls) == 2
     assert state.result()["executed"] == ["ingest"]  # same data/raw hash: nothing downstream is stale
     assert json.loads(_dvc(project, "status", "--json").stdout) == {}
+
+
+def test_bad_input_in_ingest_is_not_retried(flow_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import desensitize.ingest
+    from desensitize.errors import DesensitizeError
+
+    project = copy_flow_project(flow_project, tmp_path / "project")
+    shutil.rmtree(project / "data" / "raw")
+    calls = []
+
+    def bad(*args, **kwargs):
+        calls.append(1)
+        raise DesensitizeError("/data/images/cat: a folder with a single class")
+
+    monkeypatch.setattr(desensitize.ingest, "ingest", bad)
+    state = run_flow(project)
+    assert state.is_failed() and "a folder with a single class" in state.message
+    assert len(calls) == 1  # bad input never succeeds on retry
 
 
 def test_failed_gate_fails_the_run_and_pushes_nothing(flow_project, tmp_path: Path):
