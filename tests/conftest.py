@@ -84,3 +84,125 @@ def copy_project(tiny_project, root: Path):
     shutil.copytree(source.raw, paths.raw)
     shutil.copytree(source.reference_model.parent, paths.reference_model.parent)
     return paths
+
+
+def tiny_pipeline_params() -> dict:
+    """The repository's params.yaml (DVC needs every key a stage lists) on digits, trained briefly,
+    with a gate that passes."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"]["source"] = "digits"
+    params["reference"].update(epochs=2, batch_size=64)
+    params["train"].update(epochs=1, batch_size=64)
+    params["masks"]["cell"] = 2
+    params["attack"].update(sample=200, attackers=["telea", "learned"])
+    params["attack"]["learned"].update(epochs=2, width=8)
+    params["attack"]["thresholds"].update(max_psnr_gain=100, max_linkage_top1=1, max_recognition_recovery=1)
+    return params
+
+
+def make_dvc_project(root: Path, remote: Path) -> Path:
+    """A scratch git + DVC project at `root` (sources, dvc.yaml, flows/, prefect.yaml, tiny params)
+    whose default DVC remote is the directory `remote`; committed to git."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    root.mkdir(parents=True)
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", "prefect.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root)
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_pipeline_params()))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for command in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "remote", "add", "-d", "-q", "store", str(remote)],
+        ["git", "add", "-A"],
+        [*git, "commit", "-qm", "tiny project"],
+    ):
+        subprocess.run(command, cwd=root, check=True, capture_output=True, timeout=120)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory):
+    """Prefect settings for tests (a private PREFECT_HOME, no analytics, no heartbeats, a patient
+    server start-up) applied to this process and inherited by subprocesses; restored afterwards."""
+    import os
+
+    env = {
+        "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        PREFECT_HOME,
+        PREFECT_LOGGING_LEVEL,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    updates = {
+        PREFECT_HOME: env["PREFECT_HOME"],
+        PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120,
+        PREFECT_LOGGING_LEVEL: "WARNING",
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+    }
+    try:
+        with temporary_settings(updates=updates):
+            yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(prefect_env):
+    """One ephemeral Prefect API for the session's flow tests (starting one costs 10-20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def run_flow(project: Path, **parameters):
+    """Run the Prefect flow on `project` (CPU); returns its final state."""
+    from flows.pipeline import desensitization_pipeline
+
+    return desensitization_pipeline(params_file=str(project / "params.yaml"), device="cpu", return_state=True, **parameters)
+
+
+@pytest.fixture(scope="session")
+def flow_project(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
+    """A tiny project run twice by the flow with the same params: (project, remote, first state,
+    second state, output mtimes after the first run). Tests copy it; they do not change it."""
+    base = tmp_path_factory.mktemp("flow")
+    project = make_dvc_project(base / "project", base / "remote")
+    first = run_flow(project)
+    outputs = ("models/reference.npz", "data/release/release.json", "metrics/evaluate.json")
+    stamps = {path: (project / path).stat().st_mtime_ns for path in outputs}
+    second = run_flow(project)
+    return project, base / "remote", first, second, stamps
+
+
+def copy_flow_project(flow_project, root: Path) -> Path:
+    """A writable copy of the flow-run project (git, DVC cache and outputs) at `root`; it shares
+    the original's DVC remote."""
+    import shutil
+
+    shutil.copytree(flow_project[0], root, symlinks=True)
+    return root

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,37 @@ def test_help_explains_every_command():
     assert result.exit_code == 0
     for command in ("ingest", "reference", "check-params"):
         assert command in result.output
+
+
+def test_overrides_are_validated_then_written_keeping_comments(tmp_path: Path):
+    from desensitize.config import write_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0  # the seed\nmasks:\n  hidden_ratio: 0.75  # share hidden\n")
+    params = write_overrides(path, {"masks.hidden_ratio": "0.5", "attack.sample": 100})
+    assert params.masks.hidden_ratio == 0.5 and params.attack.sample == 100
+    text = path.read_text()
+    assert re.search(r"hidden_ratio: 0.5 +# share hidden", text)  # the validated value, a number; comment kept
+    assert "# the seed" in text
+    assert load_params(path) == params
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"masks.hiden_ratio": 0.5}, "masks.hiden_ratio: unknown key"),
+        ({"masks.hidden_ratio": 1.5}, "masks.hidden_ratio = 1.5: Input should be less than 1"),
+        ({"seed.value": 1}, "seed.value: seed is a value, not a section"),
+        ({"masks..cell": 2}, "expected a dotted key"),
+    ],
+)
+def test_a_bad_override_names_the_key_and_writes_nothing(tmp_path: Path, overrides, message):
+    from desensitize.config import write_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 0\nmasks:\n  hidden_ratio: 0.75\n")
+    before = path.read_bytes()
+    with pytest.raises(DesensitizeError, match=re.escape(message)):
+        write_overrides(path, overrides)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]

@@ -146,3 +146,62 @@ def load_params(path: Path | str = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise DesensitizeError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
     return parse_params(raw, origin=str(path))
+
+
+def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
+    node = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise DesensitizeError(f"{origin}: {key}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _get_dotted(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def write_overrides(path: Path | str, overrides: dict[str, Any]) -> Params:
+    """Validate `overrides` (dotted key -> value) on top of the params file, then write them into it.
+
+    The file is what DVC reads for each stage's params, so the values a run used must be in it
+    (as `dvc exp run -S` does). Nothing is written unless every value is valid; the write keeps
+    comments and order and is atomic. Returns the validated params."""
+    import copy
+
+    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
+
+    from desensitize.storage import atomic_path
+
+    path = Path(path)
+    base = load_params(path)
+    if not overrides:
+        return base
+    origin = f"{path} with overrides"
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key, value in overrides.items():
+        if not isinstance(key, str) or not key or "" in key.split("."):
+            raise DesensitizeError(f"{origin}: {key!r}: expected a dotted key such as masks.hidden_ratio")
+        _set_dotted(raw, key, value, origin)
+    params = parse_params(raw, origin=origin)
+    # Write the validated value (e.g. "0.5" from a UI becomes 0.5), so DVC hashes what ran.
+    validated = params.model_dump(mode="json")
+    document = parse_yaml_for_update(path.read_text(), str(path))
+    changed = False
+    for key in overrides:
+        value = copy.deepcopy(_get_dotted(validated, key))
+        try:
+            changed |= _get_dotted(document, key) != value
+        except (KeyError, TypeError):
+            changed = True
+        _set_dotted(document, key, value, origin)
+    if changed:
+        with atomic_path(path) as tmp:
+            tmp.write_text(dumps_yaml(document))
+    return params

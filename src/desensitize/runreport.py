@@ -1,0 +1,59 @@
+"""The Markdown summary of one pipeline run: what ran, the metrics, the privacy gate's verdict and a
+link to the MLflow run. The Prefect flow publishes it as an artifact, so an operator sees the
+outcome of a scheduled run without opening the metrics files."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from desensitize.paths import Paths
+
+METRICS_FILES = ("reference", "masks", "attack", "evaluate")
+
+
+def _numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Numeric leaves as (dotted key, value); lists and text are left to the full report."""
+    if isinstance(tree, dict):
+        for key in sorted(tree):
+            yield from _numbers(tree[key], f"{prefix}{key}.")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield prefix.rstrip("."), tree
+
+
+def _format(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def run_report(
+    paths: Paths,
+    *,
+    executed: Sequence[str],
+    skipped: Sequence[str] = (),
+    error: str | None = None,
+    mlflow_run_url: str | None = None,
+) -> str:
+    """Markdown for a run that executed `executed`, found `skipped` up to date, and ended with
+    `error` (None: completed)."""
+    lines = ["# Desensitization pipeline run", ""]
+    lines.append(f"**Outcome:** {'FAILED: ' + ' '.join(error.split()) if error else 'completed'}")
+    lines.append(f"**Stages run:** {', '.join(executed) or 'none (everything up to date)'}")
+    if skipped:
+        lines.append(f"**Up to date (skipped):** {', '.join(skipped)}")
+    attack = paths.attack_metrics
+    gate = json.loads(attack.read_text()).get("gate", {}) if attack.is_file() else {}
+    verdict = gate.get("message", "no attack metrics yet")
+    lines += ["", f"**Privacy gate:** {'PASSED' if gate.get('passed') else 'FAILED' if gate else 'unknown'}: {verdict}"]
+    if mlflow_run_url:
+        lines += ["", f"**MLflow run:** [{mlflow_run_url}]({mlflow_run_url})"]
+    lines += ["", "## Metrics", "", "| file | metric | value |", "|---|---|---|"]
+    for name in METRICS_FILES:
+        path: Path = paths.metrics / f"{name}.json"
+        if not path.is_file():
+            lines.append(f"| {name}.json | (not written yet) | |")
+            continue
+        for key, value in _numbers(json.loads(path.read_text())):
+            lines.append(f"| {name}.json | {key} | {_format(value)} |")
+    return "\n".join(lines) + "\n"

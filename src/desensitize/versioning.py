@@ -1,0 +1,95 @@
+"""DVC bookkeeping for a caller that runs stages in-process (the Prefect flow) instead of through
+`dvc repro`: which stages are stale, recording the ones that ran, pushing to the remote.
+
+Done this way, a run leaves the same dvc.lock and cache as `dvc repro` would, so `dvc status`
+is clean afterwards and `dvc repro` finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from desensitize.errors import DesensitizeError
+
+if TYPE_CHECKING:
+    from dvc.repo import Repo
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def open_repo(root: Path) -> Iterator[Repo]:
+    """The DVC project at `root`, entered as the working directory: DVC resolves stage names and
+    paths against it, as the `dvc` command does. A fresh handle each time, so no stale index is
+    reused. The flow runs its tasks one after another, so the directory change cannot race."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    with contextlib.chdir(root):
+        try:
+            repo = Repo(".")
+        except NotDvcRepoError:
+            raise DesensitizeError(f"{root}: not a DVC project (no .dvc/ directory; run `git init && dvc init`)") from None
+        try:
+            yield repo
+        finally:
+            repo.close()
+
+
+def check_project(root: Path) -> str:
+    """Fail before any work unless `root` is a DVC project with dvc.yaml and a default remote;
+    returns the remote's name."""
+    if not (root / "dvc.yaml").is_file():
+        raise DesensitizeError(f"{root}: no dvc.yaml; the flow runs the stages of a DVC project")
+    with open_repo(root) as repo:
+        name = repo.config["core"].get("remote")
+        if not name:
+            raise DesensitizeError(
+                f"{root}: no default DVC remote, so the outputs could not be pushed; "
+                "add one with `dvc remote add -d NAME URL` (see .dvc/config)"
+            )
+        if name not in repo.config["remote"]:
+            raise DesensitizeError(f"{root}: the default DVC remote {name!r} is not defined in .dvc/config")
+        return name
+
+
+def stage_changes(root: Path, stage: str) -> dict[str, Any]:
+    """What `dvc status STAGE` reports for this stage alone: empty when it is up to date."""
+    from dvc.exceptions import DvcException
+
+    with open_repo(root) as repo:
+        try:
+            return repo.status(targets=[stage])
+        except DvcException as exc:
+            raise DesensitizeError(f"dvc status {stage}: {exc}") from None
+
+
+def commit(root: Path, stages: Sequence[str]) -> None:
+    """`dvc commit -f STAGE...`: cache the outputs and write dvc.lock for stages that just ran.
+    The lock then holds the deps, params and outs hashes `dvc repro` would have written."""
+    from dvc.exceptions import DvcException
+
+    with open_repo(root) as repo:
+        for stage in stages:
+            try:
+                repo.commit(stage, force=True)
+            except DvcException as exc:
+                raise DesensitizeError(f"dvc commit {stage}: {exc}") from None
+    log.info("dvc commit: %s", ", ".join(stages))
+
+
+def push(root: Path) -> int:
+    """`dvc push` to the default remote; returns how many files were uploaded."""
+    from dvc.exceptions import DvcException
+
+    with open_repo(root) as repo:
+        try:
+            pushed = repo.push()
+        except DvcException as exc:
+            raise DesensitizeError(f"dvc push: {exc}") from None
+    log.info("dvc push: %d files uploaded", pushed)
+    return pushed
