@@ -188,7 +188,7 @@ def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float) and v is not None}
+    return {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float)}  # bools as 0 / 1
 
 
 def _stage_params(stage: Stage, params: Params) -> dict[str, str]:
