@@ -19,9 +19,8 @@ from desensitize.storage import atomic_path, read_json
 def _gate_lines(attack: dict[str, Any], params: Params) -> list[str]:
     t = params.attack.thresholds
     lines = [
-        f"Privacy gate: **{'passed' if attack['gate']['passed'] else 'FAILED'}** "
-        f"({'enforced' if attack['gate']['enforced'] else 'not enforced: attack.enforce is false'}). "
-        f"{attack['gate']['message']}.",
+        f"Privacy gate ({'enforced' if attack['gate']['enforced'] else 'not enforced: attack.enforce is false'}): "
+        f"**{attack['gate']['message']}**.",
         "",
         f"Thresholds: PSNR gain over a blind guess <= {t.max_psnr_gain:g} dB, linkage top-1 <= "
         f"{t.max_linkage_top1:g} (chance {attack['linkage_chance']:.4f}), recognition recovery <= "
