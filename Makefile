@@ -1,5 +1,6 @@
 # The two commands of the quickstart:
-#   make run    create/refresh .venv, then run the whole pipeline (`dvc repro`) on the default dataset
+#   make run    create/refresh .venv, then run the whole pipeline (`dvc repro` inside one MLflow parent
+#               run: `desensitize repro`) on the default dataset
 #   make test   create/refresh .venv, then run the test suite
 # The venv is (re)installed whenever pyproject.toml or requirements.lock changes.
 
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 run: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/desensitize repro
 	$(BIN)/desensitize summary
 
 test: $(STAMP)

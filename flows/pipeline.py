@@ -31,6 +31,7 @@ from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 from desensitize.runreport import run_report
 from desensitize.stages import STAGES, run_stage
+from desensitize.tracking import pipeline_run, run_link
 
 FLOW_NAME = "desensitization-pipeline"
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 UTC; prefect.yaml has the same schedule for the deployment
@@ -95,7 +96,7 @@ def run_stages(params: Params, root: Path, device: str, executed: list[str], ski
 
 
 def publish_report(
-    paths: Paths, executed: list[str], skipped: list[str], error: str | None, mlflow_run_url: str | None = None
+    paths: Paths, executed: list[str], skipped: list[str], error: str | None, mlflow_run_url: str | None
 ) -> None:
     """The run's Markdown artifact: metrics table, gate verdict, and the MLflow run when given."""
     markdown = run_report(paths, executed=executed, skipped=skipped, error=error, mlflow_run_url=mlflow_run_url)
@@ -119,23 +120,22 @@ def desensitization_pipeline(
     paths = Paths(root)
     executed: list[str] = []
     skipped: list[str] = []
-    mlflow_run_url: str | None = None
-    try:
-        # Issue 6 (MLflow) wraps this one call:
-        #   with pipeline_run(paths, tags={"prefect.flow_run_id": str(flow_run.id)}) as parent_id:
-        #       run_stages(...)
-        #   mlflow_run_url = <link to parent_id>
-        run_stages(params, root, device, executed, skipped)
-    except Exception as exc:
-        # As `dvc repro` does, keep the records of the stages that completed; push nothing.
+    # One MLflow parent run for this flow run: the stage runs become its children, and it keeps
+    # the dvc.lock that the DVC commit below writes.
+    with pipeline_run(paths, tags={"prefect.flow_run_id": str(flow_run.id)}) as parent_id:
+        link = run_link(paths, parent_id)
+        try:
+            run_stages(params, root, device, executed, skipped)
+        except Exception as exc:
+            # As `dvc repro` does, keep the records of the stages that completed; push nothing.
+            if executed:
+                dvc_commit(root, executed)
+            publish_report(paths, executed, skipped, str(exc), link)
+            raise
         if executed:
             dvc_commit(root, executed)
-        publish_report(paths, executed, skipped, str(exc), mlflow_run_url)
-        raise
-    if executed:
-        dvc_commit(root, executed)
-    pushed = dvc_push(root)
-    publish_report(paths, executed, skipped, None, mlflow_run_url)
+        pushed = dvc_push(root)
+    publish_report(paths, executed, skipped, None, link)
     logger.info("ran %s; up to date: %s; %d files pushed", executed or "nothing", skipped or "nothing", pushed)
     return {"executed": executed, "skipped": skipped, "pushed": pushed}
 

@@ -206,3 +206,36 @@ def copy_flow_project(flow_project, root: Path) -> Path:
 
     shutil.copytree(flow_project[0], root, symlinks=True)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store(tmp_path_factory: pytest.TempPathFactory):
+    """Every test (and every process it starts) tracks into a throw-away MLflow store, never the
+    project's mlruns/. Tests that need their own store or the default one override it."""
+    import os
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    yield
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+LENIENT_GATE = {"max_psnr_gain": 100, "max_linkage_top1": 1, "max_recognition_recovery": 1}
+FAILING_GATE = {"max_psnr_gain": 0, "max_linkage_top1": 0, "max_recognition_recovery": -1}
+
+
+def tracked_params(gate: dict | None = None, enforce: bool = True):
+    """tiny_params() with models that learn something (for registry comparisons) and a cheap attack."""
+    return parse_params(
+        {
+            "data": {"source": "digits"},
+            "reference": {"epochs": 2, "batch_size": 64},
+            "masks": {"cell": 2, "hidden_ratio": 0.5},
+            "train": {"epochs": 2, "batch_size": 32},
+            "attack": {"sample": 100, "attackers": ["telea"], "enforce": enforce, "thresholds": gate or LENIENT_GATE},
+        }
+    )

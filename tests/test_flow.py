@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,6 +83,27 @@ def test_flow_run_is_named_and_reports_metrics_and_verdict(flow_project):
     assert "**Stages run:** ingest, reference, masks, attack, train, baselines, evaluate" in report
 
 
+def _mlflow_runs(filter_string: str) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the session's throw-away store (conftest)
+    return mlflow.search_runs(experiment_names=["desensitize"], filter_string=filter_string, output_format="list")
+
+
+def test_flow_run_is_one_mlflow_parent_run_with_a_child_per_stage_run(flow_project):
+    from desensitize.stages import STAGES
+    from desensitize.tracking import STAGE_TAG
+
+    first, second = flow_project[2], flow_project[3]
+    for state, expected in ((first, set(STAGES)), (second, set())):
+        flow_run_id = str(state.state_details.flow_run_id)
+        (parent,) = _mlflow_runs(f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        assert parent.info.status == "FINISHED"
+        children = _mlflow_runs(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert {run.data.tags[STAGE_TAG] for run in children} == expected
+        assert parent.info.run_id in _report(state)
+
+
 def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import desensitize.ingest
 
@@ -125,6 +147,7 @@ def test_failed_gate_fails_the_run_and_pushes_nothing(flow_project, tmp_path: Pa
     project = copy_flow_project(flow_project, tmp_path / "project")
     remote = flow_project[1]
     before = _files(remote)
+    registered = _mlflow_runs("tags.`desensitize.stage` = 'register'")
     state = run_flow(project, overrides={"attack.thresholds.max_linkage_top1": 0})
 
     assert state.is_failed()
@@ -133,6 +156,7 @@ def test_failed_gate_fails_the_run_and_pushes_nothing(flow_project, tmp_path: Pa
     assert yaml.safe_load((project / "params.yaml").read_text())["attack"]["thresholds"]["max_linkage_top1"] == 0
     assert set(json.loads(_dvc(project, "status", "--json").stdout)) == {"attack"}  # not recorded as done
     assert "FAILED" in _report(state)
+    assert len(_mlflow_runs("tags.`desensitize.stage` = 'register'")) == len(registered)  # nothing registered
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,7 @@ def _repro(project: Path) -> str:
 
 
 def _ran(output: str) -> list[str]:
-    stages = ("ingest", "reference", "masks", "attack", "train", "baselines", "evaluate")
+    stages = ("ingest", "reference", "masks", "attack", "train", "baselines", "evaluate", "register")
     return [stage for stage in stages if f"Running stage '{stage}'" in output]
 
 
@@ -69,7 +69,7 @@ def _set(project: Path, section: str, key: str, value: object) -> None:
 
 
 def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
-    assert _ran(_repro(project)) == ["ingest", "reference", "masks", "attack", "train", "baselines", "evaluate"]
+    assert _ran(_repro(project)) == ["ingest", "reference", "masks", "attack", "train", "baselines", "evaluate", "register"]
     assert read_manifest(project / "data" / "raw")["source"] == "digits"
     assert (project / "models" / "reference.npz").is_file()
     verify = _run(project, sys.executable, "-m", "desensitize", "verify-release", "data/release")
@@ -78,11 +78,11 @@ def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
     assert _ran(_repro(project)) == []
 
     _set(project, "masks", "hidden_ratio", 0.5)
-    assert _ran(_repro(project)) == ["masks", "attack", "train", "baselines", "evaluate"]
+    assert _ran(_repro(project)) == ["masks", "attack", "train", "baselines", "evaluate", "register"]
     assert json.loads((project / "metrics" / "masks.json").read_text())["n_hidden_cells"] == 8
 
     _set(project, "reference", "epochs", 1)
-    assert _ran(_repro(project)) == ["reference", "masks", "attack", "train", "baselines", "evaluate"]
+    assert _ran(_repro(project)) == ["reference", "masks", "attack", "train", "baselines", "evaluate", "register"]
     status = _run(project, sys.executable, "-m", "dvc", "status")
     assert "up to date" in status.stdout
 

@@ -91,6 +91,11 @@ def attack_suite(
     }
 
 
+def sample_indices(n: int, sample: int, seed: int) -> np.ndarray:
+    """The released train images attacked: a seeded sample, sorted (MLflow logs its digest)."""
+    return np.sort(np.random.default_rng([seed, SAMPLE_STREAM]).choice(n, min(sample, n), replace=False))
+
+
 def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns the metrics written to `metrics/attack.json` (raises if the gate fails
     while enforced, after writing them)."""
@@ -102,8 +107,7 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     torch_device = best_device(device)
     model, _ = load_checkpoint(paths.reference_model, torch_device)
 
-    n = len(raw.images)
-    idx = np.sort(np.random.default_rng([params.seed, SAMPLE_STREAM]).choice(n, min(cfg.sample, n), replace=False))
+    idx = sample_indices(len(raw.images), cfg.sample, params.seed)
     raw_sample, labels = raw.images[idx], raw.labels[idx]
     fill = {"fill": info["fill"], "fill_value": info["fill_value"]}
     release = attack_suite(

@@ -1,12 +1,15 @@
 """The `desensitize` command: one sub-command per pipeline stage, each a thin caller of src/.
 
-dvc.yaml runs these commands; the Prefect flow calls the same functions directly.
+dvc.yaml runs these commands; the Prefect flow calls the same functions directly. Each stage is
+tracked in MLflow by `run_stage`; `desensitize repro` wraps `dvc repro` in one parent run.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -185,6 +188,47 @@ def evaluate(params: ParamsOption = Path("params.yaml"), device: DeviceOption = 
     """Accuracy of raw / plain_random / plain / masknet on their masked test sets; writes
     metrics/evaluate.json, confusion matrices and a table in reports/evaluate/."""
     run_stage("evaluate", load_params(params), Paths(), device)
+
+
+@app.command()
+@_user_errors
+def register(params: ParamsOption = Path("params.yaml")) -> None:
+    """Register models/masknet.npz, with the release's mask built in, as a new version of
+    `masknet-<data.source>` (alias challenger; champion only if the privacy gate passed and it is not
+    less accurate than the champion); writes the model and data cards to reports/cards/."""
+    run_stage("register", load_params(params), Paths())
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@_user_errors
+def repro(ctx: typer.Context) -> None:
+    """`dvc repro` inside one MLflow parent run, whose children are the stage runs (what `make run`
+    does). Extra arguments go to `dvc repro`. A bare `dvc repro` works too, with stand-alone stage runs."""
+    from desensitize.tracking import pipeline_run
+
+    with pipeline_run(Paths()) as run_id:
+        result = subprocess.run([sys.executable, "-m", "dvc", "repro", *ctx.args], check=False)
+        if result.returncode != 0:
+            raise DesensitizeError(f"dvc repro exited with status {result.returncode}; MLflow run {run_id} marked FAILED")
+    typer.echo(f"MLflow pipeline run {run_id}")
+
+
+@app.command()
+@_user_errors
+def lineage(
+    model: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or NAME (latest), e.g. masknet-mnist5k@champion.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the chain as JSON.")] = False,
+) -> None:
+    """For auditors: the chain model version -> training run -> release digest -> mask run (strategy,
+    method, ratio, reference model digest) -> raw dataset digest -> attack gate verdict, read from
+    MLflow. Exits 1 when a link is missing or a digest disagrees."""
+    from desensitize.lineage import format_text
+    from desensitize.lineage import lineage as trace
+
+    chain = trace(model, Paths())
+    typer.echo(json.dumps(chain, indent=2, sort_keys=True) if as_json else format_text(chain))
+    if not chain["complete"]:
+        raise typer.Exit(1)
 
 
 def _split(text: str, kind: type) -> list:

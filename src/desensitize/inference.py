@@ -1,5 +1,10 @@
 """Inference with a model trained on a release: one call loads it and applies the release's mask,
-so nobody can forget to mask new images the way the training images were masked."""
+so nobody can forget to mask new images the way the training images were masked.
+
+`MaskedClassifier` is a torch module (raw images in, logits out), so the model registry stores
+exactly this object: `models:/NAME@champion` applies the mask itself. It holds the weights, the
+release's masking rule (for a set-scope release the mask, for an image-scope saliency release the
+reference model) and the fill value, never an image."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
@@ -15,12 +21,12 @@ from desensitize.masks import apply_mask, fill_values, random_masks
 from desensitize.models import load_checkpoint
 from desensitize.recognition import with_mask_channel
 from desensitize.release import load_released, read_release_info
-from desensitize.training import best_device, predict
+from desensitize.training import batch_to, best_device, predict, to_float
 
 INFERENCE_STREAM = 3
 
 
-class MaskedClassifier:
+class MaskedClassifier(nn.Module):
     """A trained `plain` or `masknet` model bound to the release it was trained on."""
 
     def __init__(
@@ -35,6 +41,7 @@ class MaskedClassifier:
     ) -> None:
         """`reference_path` and `masks` (the masks params the release was made with) are needed only
         for an image-scope saliency release, whose masks come from the owner's reference model."""
+        super().__init__()
         self.device = best_device(device)
         self.model, self.spec = load_checkpoint(model_path, self.device)
         self.info = read_release_info(release_dir)
@@ -74,6 +81,17 @@ class MaskedClassifier:
     @torch.no_grad()
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Class indices for raw uint8 images (N, C, H, W); the mask is applied here."""
+        return predict(self.model, self._inputs(images), self.device)
+
+    def _inputs(self, images: np.ndarray) -> np.ndarray:
         masked, masks = self.release(images)
-        inputs = with_mask_channel(masked, masks) if self.spec.get("masknet") else masked
-        return predict(self.model, inputs, self.device)
+        return with_mask_channel(masked, masks) if self.spec.get("masknet") else masked
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for raw images (N, C, H, W): uint8, or floats in [0, 1] (what a pyfunc caller
+        passes); the mask is applied here."""
+        array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        if array.dtype != np.uint8:
+            array = np.rint(np.clip(array, 0, 1) * 255).astype(np.uint8)
+        return self.model(batch_to(to_float(self._inputs(array)), self.device))

@@ -66,3 +66,21 @@ class Paths:
     @property
     def evaluate_reports(self) -> Path:
         return self.root / "reports" / "evaluate"
+
+    @property
+    def cards(self) -> Path:
+        """The model card and the data card of the release (the `register` stage)."""
+        return self.root / "reports" / "cards"
+
+    @property
+    def dvc_lock(self) -> Path:
+        return self.root / "dvc.lock"
+
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def mlruns(self) -> Path:
+        """The default MLflow store: `mlflow.db` (SQLite) and `artifacts/`; never committed."""
+        return self.root / "mlruns"

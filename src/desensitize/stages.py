@@ -1,16 +1,30 @@
 """The pipeline's stages, in order: the one table that the CLI (and so `dvc repro`) and the Prefect
-flow both run from, so every caller executes the same function for a stage."""
+flow both run from, so every caller executes the same function for a stage, tracked the same way.
+
+Each entry also says what MLflow should record about the stage: the params keys it uses (the same
+lists as dvc.yaml; a test keeps them equal), the datasets and models it reads and writes (logged
+with their DVC md5, which is how `desensitize lineage` links runs), and the files worth keeping as
+run artifacts. Artifacts are an explicit list: figures that show raw images (masks/samples.png,
+attack/grid.png) stay out of MLflow.
+"""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
+
+RAW_SPLITS = ("raw/train", "raw/test", "raw/public")
+
+
+def _none(paths: Paths) -> tuple[Path, ...]:
+    return ()
 
 
 @dataclass(frozen=True)
@@ -18,6 +32,10 @@ class Stage:
     name: str
     target: str  # "module:function"; imported on use, so `desensitize --help` stays fast
     uses_device: bool = True
+    params: tuple[str, ...] = ("seed",)  # dotted params keys, as listed in dvc.yaml
+    reads: tuple[str, ...] = ()  # items of desensitize.tracking.ITEMS
+    writes: tuple[str, ...] = ()
+    artifacts: Callable[[Paths], tuple[Path, ...]] = _none
 
     def function(self) -> Callable[..., dict[str, Any]]:
         module, attr = self.target.split(":")
@@ -27,21 +45,44 @@ class Stage:
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("ingest", "desensitize.ingest:ingest", uses_device=False),
-        Stage("reference", "desensitize.reference:train_reference"),
-        Stage("masks", "desensitize.masking:generate_masks"),
-        Stage("attack", "desensitize.attacking:run_attack"),
-        Stage("train", "desensitize.recognition:train_on_release"),
-        Stage("baselines", "desensitize.recognition:train_baselines"),
-        Stage("evaluate", "desensitize.evaluating:evaluate"),
+        Stage("ingest", "desensitize.ingest:ingest", uses_device=False, params=("seed", "data"),
+              writes=RAW_SPLITS, artifacts=lambda p: (p.raw / "manifest.json",)),
+        Stage("reference", "desensitize.reference:train_reference", params=("seed", "reference"),
+              reads=("raw/train", "raw/test"), writes=("model/reference",),
+              artifacts=lambda p: (p.reference_metrics, p.reference_history)),
+        Stage("masks", "desensitize.masking:generate_masks", params=("seed", "data.shard_size", "masks"),
+              reads=("raw/train", "raw/test", "model/reference"), writes=("release",),
+              artifacts=lambda p: (p.masks_metrics, p.release / "release.json", p.masks_reports / "template.png",
+                                   p.masks_reports / "mask.png")),
+        Stage("attack", "desensitize.attacking:run_attack", params=("seed", "attack"),
+              reads=("raw/train", "raw/public", "release", "attack-sample", "model/reference"),
+              artifacts=lambda p: (p.attack_metrics, p.attack_reports / "summary.md",
+                                   p.attack_reports / "cell_restoration.png")),
+        Stage("train", "desensitize.recognition:train_on_release", params=("seed", "train"),
+              reads=("release",), writes=("model/plain", "model/masknet"),
+              artifacts=lambda p: (p.train_history("plain"), p.train_history("masknet"))),
+        Stage("baselines", "desensitize.recognition:train_baselines", params=("seed", "train"),
+              reads=("raw/train",), writes=("model/raw", "model/plain_random"),  # release.json only
+              artifacts=lambda p: (p.train_history("raw"), p.train_history("plain_random"))),
+        Stage("evaluate", "desensitize.evaluating:evaluate",
+              reads=("raw/test", "release", "model/raw", "model/plain_random", "model/plain", "model/masknet"),
+              artifacts=lambda p: (p.evaluate_metrics, p.evaluate_reports / "summary.md",
+                                   *sorted(p.evaluate_reports.glob("confusion_*.png")))),
+        Stage("register", "desensitize.registry:register", uses_device=False,
+              params=("seed", "data", "masks", "attack", "train"),
+              reads=("release", "model/masknet", "model/reference"),
+              artifacts=lambda p: (p.cards / "model_card.md", p.cards / "data_card.md")),
     )
-}
+}  # fmt: skip
 
 
 def run_stage(name: str, params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
-    """Run one stage with validated params; returns the stage's metrics."""
+    """Run one stage with validated params inside its MLflow child run; returns the stage's metrics."""
+    from desensitize.tracking import stage_run
+
     if name not in STAGES:
         raise DesensitizeError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
     stage = STAGES[name]
     kwargs = {"device": device} if stage.uses_device else {}
-    return stage.function()(params, paths, **kwargs)
+    with stage_run(stage, params, paths) as record:
+        return record(stage.function()(params, paths, **kwargs))

@@ -1,0 +1,124 @@
+"""The release's model card and data card (reports/cards/), written by the `register` stage from
+params, metrics and the attack report, and logged to MLflow with the registered version.
+
+Both are deterministic (no timestamps, no registry version numbers): the same release and models
+give the same cards, so DVC sees an unchanged card as unchanged. The registry links a version to
+them; `desensitize lineage` gives the rest of the chain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from desensitize.config import Params
+from desensitize.paths import Paths
+from desensitize.release import read_release_info
+from desensitize.storage import atomic_path, read_json
+
+
+def _gate_lines(attack: dict[str, Any], params: Params) -> list[str]:
+    t = params.attack.thresholds
+    lines = [
+        f"Privacy gate ({'enforced' if attack['gate']['enforced'] else 'not enforced: attack.enforce is false'}): "
+        f"**{attack['gate']['message']}**.",
+        "",
+        f"Thresholds: PSNR gain over a blind guess <= {t.max_psnr_gain:g} dB, linkage top-1 <= "
+        f"{t.max_linkage_top1:g} (chance {attack['linkage_chance']:.4f}), recognition recovery <= "
+        f"{t.max_recognition_recovery:g}. Sample: {attack['sample']} released train images.",
+        "",
+        "| attacker | PSNR gain (dB) | linkage top-1 | recognition recovery |",
+        "|---|---|---|---|",
+    ]
+    for name, s in attack["attackers"].items():
+        lines.append(f"| {name} | {s['psnr_gain']:+.2f} | {s['linkage_top1']:.3f} | {s['recognition_recovery']:+.3f} |")
+    lines += ["", f"Strongest attacker: {attack['best_attacker']}. Share of the images' content under the mask "
+              f"(hidden information): {attack['hidden_information']:.3f}.", ""]  # fmt: skip
+    return lines
+
+
+def _mask_line(info: dict[str, Any]) -> str:
+    method = f" ({info['method']} attribution)" if info["method"] else ""
+    return (
+        f"{info['strategy']}{method} mask, {info['scope']} scope: {info['n_hidden_cells']} of {info['n_cells']} "
+        f"cells of {info['cell']}x{info['cell']} pixels hidden ({info['hidden_ratio']:.1%}; "
+        f"{info['hidden_ratio_pixels']:.1%} of pixels), {info['fill']} fill."
+    )
+
+
+def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest: str) -> None:
+    info = read_release_info(paths.release)
+    attack = read_json(paths.attack_metrics)
+    evaluation = read_json(paths.evaluate_metrics)
+    acc = evaluation["accuracy"]
+    train = params.train
+    source = params.data.source
+    model = [
+        f"# Model card: masknet-{source}",
+        "",
+        "Our implementation of the feature selection MaskNet (arXiv 2312.08975): a "
+        f"{train.backbone} backbone that reads the masked image and its mask, trained by the receiver "
+        "of the release on nothing but the release.",
+        "",
+        "## Use",
+        "",
+        f"Recognition of {source} images ({len(info['class_names'])} classes, shape "
+        f"{'x'.join(map(str, info['image_shape']))}). The registered model takes raw images and applies the "
+        "release's mask itself, so it never sees what the release hides: "
+        f"`mlflow.pytorch.load_model('models:/masknet-{source}@champion').predict(raw_uint8_images)`.",
+        "",
+        "## Training",
+        "",
+        f"Data: the release `data/release`, DVC md5 `{release_digest}` ({info['counts']['train']} train images). "
+        f"{_mask_line(info)}",
+        f"Settings: {train.epochs} epochs, batch {train.batch_size}, learning rate {train.lr:g}, weight decay "
+        f"{train.weight_decay:g}, seed {params.seed}.",
+        "",
+        "## Evaluation",
+        "",
+        f"Accuracy on {evaluation['n_test']} masked test images (raw is the owner's upper bound):",
+        "",
+        "| model | accuracy |",
+        "|---|---|",
+        *(f"| {name} | {value:.4f} |" for name, value in acc.items()),
+        "",
+        f"MaskNet over plain: {evaluation['masknet_over_plain']:+.4f}. This mask over a random one of the "
+        f"same ratio: {evaluation['saliency_over_random']:+.4f}.",
+        "",
+        "## Privacy of the data it was trained on",
+        "",
+        *_gate_lines(attack, params),
+        "## Limitations",
+        "",
+        "Passing the gate means no tested attacker beat the thresholds, not that hidden content is "
+        "unrecoverable. The model is only valid on images masked by this release's rule.",
+        "",
+        f"Lineage: `desensitize lineage masknet-{source}@champion`.",
+        "",
+    ]
+    data = [
+        f"# Data card: the masked release of {source}",
+        "",
+        f"`data/release`, DVC md5 `{release_digest}`, made from `data/raw` (DVC md5 `{raw_digest}`).",
+        "",
+        "## Content",
+        "",
+        "| split | images |",
+        "|---|---|",
+        *(f"| {split} | {count} |" for split, count in info["counts"].items()),
+        "",
+        f"Classes: {', '.join(info['class_names'])}. Images: uint8, shape {'x'.join(map(str, info['image_shape']))}.",
+        "",
+        f"Masking: {_mask_line(info)} Hidden pixels hold the declared fill only, never a value computed from "
+        "the image.",
+        "",
+        "Never in the release: raw pixels at hidden positions, attribution maps, the reference model, file "
+        "names or metadata of the source, the `public` split. `desensitize verify-release data/release` "
+        "proves it against `data/raw`.",
+        "",
+        "## Inpainting attacks on this release",
+        "",
+        *_gate_lines(attack, params),
+    ]
+    for name, lines in (("model_card.md", model), ("data_card.md", data)):
+        with atomic_path(paths.cards / name) as tmp:
+            tmp.write_text("\n".join(lines))

@@ -1,0 +1,104 @@
+"""The gated registry: every version becomes `challenger`; `champion` moves only to a version whose
+privacy gate passed and whose accuracy is not below the current champion's."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlflow
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from conftest import FAILING_GATE, copy_project, tracked_params
+from desensitize.evaluating import evaluate
+from desensitize.lineage import lineage
+from desensitize.masking import generate_masks
+from desensitize.models import load_checkpoint, save_checkpoint
+from desensitize.paths import Paths
+from desensitize.recognition import train_baselines, train_on_release
+from desensitize.stages import run_stage
+
+pytestmark = pytest.mark.slow
+NAME = "masknet-digits"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_project, tmp_path_factory) -> Paths:
+    """Release and models made once (untracked); each test copies them and tracks into its own store."""
+    params = tracked_params()
+    paths = copy_project(tiny_project, tmp_path_factory.mktemp("trained"))
+    generate_masks(params, paths, device="cpu")
+    train_on_release(params, paths, device="cpu")
+    train_baselines(params, paths, device="cpu")
+    return paths
+
+
+@pytest.fixture
+def project(trained: Paths, tmp_path, monkeypatch) -> tuple[Paths, mlflow.MlflowClient]:
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    shutil.copytree(trained.root, tmp_path / "project")
+    return Paths(tmp_path / "project"), mlflow.MlflowClient(uri)
+
+
+def _champion(client: mlflow.MlflowClient) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(NAME, "champion").version)
+    except MlflowException:
+        return None
+
+
+def _pipeline_tail(paths: Paths, params, stages=("attack", "evaluate", "register")) -> dict:
+    for name in stages:
+        result = run_stage(name, params, paths, "cpu")
+    return result
+
+
+def test_a_failed_gate_registers_a_challenger_never_a_champion(project):
+    paths, client = project
+    result = _pipeline_tail(paths, tracked_params(gate=FAILING_GATE, enforce=False))
+    assert result == {**result, "version": 1, "champion": False, "gate_passed": False}
+    version = client.get_model_version(NAME, "1")
+    assert version.tags["gate"] == "failed" and version.aliases == ["challenger"]
+    assert _champion(client) is None
+    # This project's release and models were made untracked: lineage says which links are missing.
+    chain = lineage(f"{NAME}/1", paths)
+    assert chain["model"]["tags"]["gate"] == "failed" and not chain["complete"]
+    assert "no training run found" in chain["problems"]
+
+    # The same models behind a passing gate: this version, not the failed one, becomes champion.
+    result = _pipeline_tail(paths, tracked_params())
+    assert result["version"] == 2 and result["champion"] and _champion(client) == "2"
+    assert client.get_model_version(NAME, "1").tags["gate"] == "failed"
+
+
+def _degrade(path) -> None:
+    """A deliberately worse model: every weight zeroed, so it predicts one class for every image."""
+    model, spec = load_checkpoint(path)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.zero_()
+    save_checkpoint(path, model, **spec)
+
+
+def test_champion_moves_only_to_a_version_that_is_not_worse(project):
+    paths, client = project
+    params = tracked_params()
+    first = _pipeline_tail(paths, params)
+    assert first["version"] == 1 and first["champion"] and _champion(client) == "1"
+
+    good = paths.model("masknet").read_bytes()
+    _degrade(paths.model("masknet"))
+    worse = _pipeline_tail(paths, params, ("evaluate", "register"))
+    assert worse["accuracy"] < first["accuracy"] - 0.2
+    assert worse["version"] == 2 and not worse["champion"]
+    assert _champion(client) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
+    assert float(client.get_model_version(NAME, "2").tags["accuracy"]) == worse["accuracy"]
+
+    paths.model("masknet").write_bytes(good)  # as accurate as the champion: not worse, so it moves
+    again = _pipeline_tail(paths, params, ("evaluate", "register"))
+    assert again["accuracy"] == first["accuracy"] and again["champion"]
+    assert _champion(client) == "3" and str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"

@@ -1,0 +1,233 @@
+"""MLflow tracking through run_stage: one parent run per pipeline execution with a child per stage,
+each with its params, metrics, artifacts and datasets (digest = DVC md5); no raw pixel in any
+artifact; the registered champion applies the release's mask itself."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import REPO, copy_project, tracked_params
+from desensitize.cli import app
+from desensitize.errors import DesensitizeError
+from desensitize.inference import MaskedClassifier
+from desensitize.ingest import load_split
+from desensitize.paths import Paths
+from desensitize.release import load_released
+from desensitize.stages import STAGES, run_stage
+from desensitize.tracking import EXPERIMENT, PARENT_ENV, dvc_md5, params_hash, pipeline_run, tracking_uri
+
+TRACKED = ("masks", "attack", "train", "baselines", "evaluate", "register")
+
+
+@pytest.fixture(scope="module")
+def tracked(tiny_project, tmp_path_factory):
+    """The tiny project taken from masks to register under one pipeline run, in its own store."""
+    root = tmp_path_factory.mktemp("tracked")
+    paths = copy_project(tiny_project, root / "project")
+    params = tracked_params()
+    uri = f"sqlite:///{root / 'store' / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        with pipeline_run(paths, tags={"origin": "test"}) as parent:
+            assert os.environ[PARENT_ENV] == parent
+            for name in TRACKED:
+                run_stage(name, params, paths, "cpu")
+        assert PARENT_ENV not in os.environ
+        client = mlflow.MlflowClient(uri)
+        client.uri = uri
+        yield params, paths, parent, client
+
+
+def _stage_runs(client: mlflow.MlflowClient, parent: str) -> dict:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    return {run.data.tags["desensitize.stage"]: run for run in runs}
+
+
+@pytest.mark.slow
+def test_each_stage_is_a_tracked_child_of_the_pipeline_run(tracked):
+    params, paths, parent, client = tracked
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.tags["desensitize.kind"] == "pipeline" and parent_run.data.tags["origin"] == "test"
+    runs = _stage_runs(client, parent)
+    assert sorted(runs) == sorted(TRACKED)
+    for name, run in runs.items():
+        tags = run.data.tags
+        assert run.info.status == "FINISHED" and run.info.run_name == name
+        assert tags["desensitize.params_sha256"] == params_hash(params)
+        assert tags["desensitize.dvc_lock_sha256"] == "none"  # no dvc.lock in this project
+        assert len(tags["desensitize.git_commit"]) == 40 and tags["desensitize.git_dirty"] in ("true", "false")
+        # Only the params keys the stage uses, as dvc.yaml lists them.
+        assert {key.split(".")[0] for key in run.data.params} == {key.split(".")[0] for key in STAGES[name].params}
+    assert runs["masks"].data.params["masks.hidden_ratio"] == "0.5"
+    assert runs["masks"].data.params["masks.attribution.method"] == "saliency"
+    assert "masks.hidden_ratio" not in runs["train"].data.params
+    evaluation = json.loads(paths.evaluate_metrics.read_text())
+    assert runs["evaluate"].data.metrics["accuracy.masknet"] == pytest.approx(evaluation["accuracy"]["masknet"])
+    assert runs["attack"].data.metrics["gate.passed"] == 1.0
+    assert runs["register"].data.metrics["version"] == 1.0
+
+
+@pytest.mark.slow
+def test_datasets_are_logged_with_their_dvc_digest_and_source(tracked):
+    _, paths, parent, client = tracked
+    runs = _stage_runs(client, parent)
+
+    def inputs(name: str) -> dict:
+        return {
+            (d.dataset.name, d.tags[0].value): (d.dataset.digest, json.loads(d.dataset.source)["path"])
+            for d in runs[name].inputs.dataset_inputs
+        }
+
+    raw, release = dvc_md5(paths.raw), dvc_md5(paths.release)
+    assert raw.endswith(".dir") and release.endswith(".dir") and raw != release
+    assert inputs("masks") == {
+        ("raw/train", "input"): (raw, "data/raw"),
+        ("raw/test", "input"): (raw, "data/raw"),
+        ("release", "output"): (release, "data/release"),
+    }
+    attack = inputs("attack")
+    assert set(attack) == {("raw/train", "input"), ("raw/public", "input"), ("release", "input"), ("attack-sample", "input")}
+    assert attack[("release", "input")][0] == release
+    assert attack[("attack-sample", "input")][0] not in (raw, release)
+    assert inputs("train") == {("release", "input"): (release, "data/release")}
+    masknet = dvc_md5(paths.model("masknet"))
+    assert runs["train"].data.tags["desensitize.output.model.masknet"] == masknet
+    assert runs["register"].data.tags["desensitize.input.model.masknet"] == masknet
+    assert runs["masks"].data.tags["desensitize.input.model.reference"] == dvc_md5(paths.reference_model)
+
+
+def _blobs(path: Path) -> list[bytes]:
+    """A file's bytes, plus what compression hides: zip members (npz, torch pickles), PNG pixels."""
+    data = path.read_bytes()
+    blobs = [data]
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            blobs += [zf.read(name) for name in zf.namelist()]
+    if data[:4] == b"\x89PNG":
+        blobs.append(np.asarray(Image.open(io.BytesIO(data))).tobytes())
+    return blobs
+
+
+def _raw_leaks(blobs: list[bytes], raw: np.ndarray) -> int:
+    """How many raw images occur in the blobs, as uint8 bytes or as float32 in [0, 1]."""
+    needles = {image.tobytes() for image in raw} | {(image / np.float32(255)).astype(np.float32).tobytes() for image in raw}
+    lengths = {len(needle) for needle in needles}
+    found = set()
+    for blob in blobs:
+        for length in lengths:
+            for start in range(0, len(blob) - length + 1):
+                window = blob[start : start + length]
+                if window in needles:
+                    found.add(window)
+    return len(found)
+
+
+@pytest.mark.slow
+def test_no_raw_pixels_in_any_mlflow_artifact(tracked, tmp_path):
+    _, paths, parent, client = tracked
+    raw = np.concatenate([load_split(paths.raw, split).images for split in ("train", "test", "public")])
+    raw = raw[raw.reshape(len(raw), -1).std(axis=1) > 0]
+    files = []
+    for run in [client.get_run(parent), *_stage_runs(client, parent).values()]:
+        root = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id),
+                                                        tracking_uri=client.uri))  # fmt: skip
+        files += [path for path in root.rglob("*") if path.is_file()]
+    names = {path.name for path in files}
+    assert {"model_card.md", "data_card.md", "release.json", "attack.json"} <= names
+    assert not names & {"samples.png", "grid.png"}  # the figures that show raw images stay out
+    # The registered model (pickled weights and mask) is among what is scanned.
+    logged_models = client.search_logged_models(experiment_ids=[client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    model_dir = Path(mlflow.artifacts.download_artifacts(logged_models[0].artifact_location, dst_path=str(tmp_path / "m")))
+    files += [path for path in model_dir.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".pth" for path in files)
+    assert _raw_leaks([blob for path in files for blob in _blobs(path)], raw) == 0
+
+    # The scan does find raw images where they are: in a raw shard, and in a pickled module holding them.
+    assert _raw_leaks(_blobs(next(paths.raw.glob("train-*.npz"))), raw) > 0
+    leaky = torch.nn.Module()
+    leaky.register_buffer("images", torch.from_numpy(raw[:3]).float() / 255)
+    torch.save(leaky, tmp_path / "leaky.pth")
+    assert _raw_leaks(_blobs(tmp_path / "leaky.pth"), raw) == 3
+
+
+@pytest.mark.slow
+def test_champion_loads_from_the_registry_and_masks_raw_images_itself(tracked):
+    params, paths, _, client = tracked
+    uri = "models:/masknet-digits@champion"
+    mlflow.set_tracking_uri(client.uri)
+    model = mlflow.pytorch.load_model(uri)
+    assert isinstance(model, MaskedClassifier)
+    raw = load_split(paths.raw, "test")
+    released = load_released(paths.release, "test")
+    local = MaskedClassifier(paths.model("masknet"), paths.release, device="cpu")
+    predictions = model.predict(raw.images)
+    np.testing.assert_array_equal(predictions, local.predict(raw.images))
+    # Hidden pixels cannot matter: raw images, released ones and raw ones with noise under the mask agree.
+    noisy = raw.images.copy()
+    hidden = np.broadcast_to(released.masks[:, None] == 0, noisy.shape)
+    noisy[hidden] = np.random.default_rng(0).integers(0, 256, int(hidden.sum()), dtype=np.uint8)
+    logits = model(torch.from_numpy(raw.images))
+    torch.testing.assert_close(logits, model(torch.from_numpy(released.images)))
+    torch.testing.assert_close(logits, model(torch.from_numpy(noisy)))
+    # Through the generic pyfunc interface, with float input in [0, 1].
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    out = pyfunc.predict(raw.images.astype(np.float32) / 255)
+    np.testing.assert_array_equal(np.asarray(out).argmax(axis=1), predictions)
+    version = client.get_model_version_by_alias("masknet-digits", "champion")
+    assert version.tags["release_digest"] == dvc_md5(paths.release) and version.tags["gate"] == "passed"
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements.split()
+
+
+def test_a_failing_stage_leaves_its_run_and_the_pipeline_run_failed(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    paths = Paths(tmp_path / "empty")
+    with pytest.raises(DesensitizeError, match="release.json"):
+        with pipeline_run(paths) as parent:
+            run_stage("train", tracked_params(), paths, "cpu")
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(parent).info.status == "FAILED"
+    (child,) = _stage_runs(client, parent).values()
+    assert child.info.status == "FAILED" and "release.json" in child.data.tags["desensitize.error"]
+
+
+def test_stage_table_matches_dvc_yaml():
+    """Tracking logs each stage's params from the stage table: it must say what dvc.yaml says."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(dvc) == list(STAGES)
+    paths = Paths(Path("."))
+    for name, stage in STAGES.items():
+        assert list(dvc[name]["params"]) == list(stage.params), name
+        deps = {str(Path(dep)) for dep in dvc[name].get("deps", [])}
+        outs = {str(Path(next(iter(out)) if isinstance(out, dict) else out)) for out in dvc[name].get("outs", [])}
+        from desensitize.tracking import _item_path
+
+        for item in stage.reads:
+            assert str(_item_path(item, paths)) in deps, (name, item)
+        for item in stage.writes:
+            assert str(_item_path(item, paths)) in outs, (name, item)
+
+
+def test_default_store_is_in_the_project_and_lineage_needs_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking_uri(Paths(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["lineage", "masknet-digits@champion"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: no MLflow tracking store at") and result.output.count("\n") == 1
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # a reader creates nothing
