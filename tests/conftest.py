@@ -102,9 +102,9 @@ def tiny_pipeline_params() -> dict:
     return params
 
 
-def make_dvc_project(root: Path, remote: Path) -> Path:
-    """A scratch git + DVC project at `root` (sources, dvc.yaml, flows/, prefect.yaml, tiny params)
-    whose default DVC remote is the directory `remote`; committed to git."""
+def make_dvc_project(root: Path, remote: Path | None = None) -> Path:
+    """A scratch git + DVC project at `root` (sources, dvc.yaml, flows/, prefect.yaml, tiny params),
+    committed to git; with `remote`, that directory is its default DVC remote."""
     import shutil
     import subprocess
     import sys
@@ -121,7 +121,7 @@ def make_dvc_project(root: Path, remote: Path) -> Path:
     for command in (
         ["git", "init", "-q"],
         [sys.executable, "-m", "dvc", "init", "-q"],
-        [sys.executable, "-m", "dvc", "remote", "add", "-d", "-q", "store", str(remote)],
+        *([[sys.executable, "-m", "dvc", "remote", "add", "-d", "-q", "store", str(remote)]] if remote else []),
         ["git", "add", "-A"],
         [*git, "commit", "-qm", "tiny project"],
     ):

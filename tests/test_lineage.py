@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,10 +18,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import make_dvc_project
 from desensitize.cli import app
 from desensitize.stages import STAGES
-from test_pipeline import _tiny
 
 pytestmark = pytest.mark.slow
 MODEL = "masknet-digits"
@@ -30,17 +28,13 @@ MODEL = "masknet-digits"
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    project = tmp_path_factory.mktemp("lineage") / "project"
-    project.mkdir()
-    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(REPO / "dvc.yaml", project)
-    (project / "params.yaml").write_text(yaml.safe_dump(_tiny()))
+    project = make_dvc_project(tmp_path_factory.mktemp("lineage") / "project")
     # The default store (project/mlruns/mlflow.db), as `make run` uses it.
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], [sys.executable, "-m", "desensitize", "repro"]):
-        result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stdout + result.stderr
+    result = subprocess.run([sys.executable, "-m", "desensitize", "repro"], cwd=project, env=env, capture_output=True,
+                            text=True, timeout=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
     assert "MLflow pipeline run" in result.stdout
     return project, env
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,23 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import make_dvc_project
 from desensitize.ingest import read_manifest
 
 pytestmark = pytest.mark.slow
-
-
-def _tiny() -> dict:
-    """The repository's params.yaml (DVC needs every key a stage lists) on digits, trained briefly."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"]["source"] = "digits"
-    params["reference"].update(epochs=2, batch_size=64)
-    params["train"].update(epochs=1, batch_size=64)
-    params["masks"]["cell"] = 2
-    params["attack"].update(sample=200, attackers=["telea", "learned"])
-    params["attack"]["learned"].update(epochs=2, width=8)
-    params["attack"]["thresholds"].update(max_psnr_gain=100, max_linkage_top1=1, max_recognition_recovery=1)
-    return params
 
 
 def _run(project: Path, *args: str) -> subprocess.CompletedProcess:
@@ -40,15 +26,7 @@ def _run(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    project = tmp_path / "project"
-    project.mkdir()
-    shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    shutil.copy(REPO / "dvc.yaml", project)
-    (project / "params.yaml").write_text(yaml.safe_dump(_tiny()))
-    assert _run(project, "git", "init", "-q").returncode == 0
-    init = _run(project, sys.executable, "-m", "dvc", "init", "-q")
-    assert init.returncode == 0, init.stderr
-    return project
+    return make_dvc_project(tmp_path / "project")
 
 
 def _repro(project: Path) -> str:

@@ -11,7 +11,6 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from conftest import FAILING_GATE, copy_project, tracked_params
-from desensitize.evaluating import evaluate
 from desensitize.lineage import lineage
 from desensitize.masking import generate_masks
 from desensitize.models import load_checkpoint, save_checkpoint
