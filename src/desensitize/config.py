@@ -161,7 +161,8 @@ def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:
     node[parts[-1]] = value
 
 
-def _get_dotted(tree: Any, key: str) -> Any:
+def get_dotted(tree: Any, key: str) -> Any:
+    """`tree[a][b]` for the key `a.b`."""
     for part in key.split("."):
         tree = tree[part]
     return tree
@@ -184,7 +185,8 @@ def write_overrides(path: Path | str, overrides: dict[str, Any]) -> Params:
     if not overrides:
         return base
     origin = f"{path} with overrides"
-    raw = yaml.safe_load(path.read_text()) or {}
+    text = path.read_text()
+    raw = yaml.safe_load(text) or {}
     for key, value in overrides.items():
         if not isinstance(key, str) or not key or "" in key.split("."):
             raise DesensitizeError(f"{origin}: {key!r}: expected a dotted key such as masks.hidden_ratio")
@@ -192,12 +194,12 @@ def write_overrides(path: Path | str, overrides: dict[str, Any]) -> Params:
     params = parse_params(raw, origin=origin)
     # Write the validated value (e.g. "0.5" from a UI becomes 0.5), so DVC hashes what ran.
     validated = params.model_dump(mode="json")
-    document = parse_yaml_for_update(path.read_text(), str(path))
+    document = parse_yaml_for_update(text, str(path))
     changed = False
     for key in overrides:
-        value = copy.deepcopy(_get_dotted(validated, key))
+        value = copy.deepcopy(get_dotted(validated, key))
         try:
-            changed |= _get_dotted(document, key) != value
+            changed |= get_dotted(document, key) != value
         except (KeyError, TypeError):
             changed = True
         _set_dotted(document, key, value, origin)

@@ -4,23 +4,13 @@ outcome of a scheduled run without opening the metrics files."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from desensitize.paths import Paths
+from desensitize.storage import flatten, read_json
 
 METRICS_FILES = ("reference", "masks", "attack", "evaluate")
-
-
-def _numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
-    """Numeric leaves as (dotted key, value); lists and text are left to the full report."""
-    if isinstance(tree, dict):
-        for key in sorted(tree):
-            yield from _numbers(tree[key], f"{prefix}{key}.")
-    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
-        yield prefix.rstrip("."), tree
 
 
 def _format(value: float) -> str:
@@ -43,7 +33,7 @@ def run_report(
     if skipped:
         lines.append(f"**Up to date (skipped):** {', '.join(skipped)}")
     attack = paths.attack_metrics
-    gate = json.loads(attack.read_text()).get("gate", {}) if attack.is_file() else {}
+    gate = read_json(attack).get("gate", {}) if attack.is_file() else {}
     verdict = gate.get("message", "no attack metrics yet")
     lines += ["", f"**Privacy gate:** {'PASSED' if gate.get('passed') else 'FAILED' if gate else 'unknown'}: {verdict}"]
     if mlflow_run_url:
@@ -55,6 +45,8 @@ def run_report(
         if not path.is_file():
             lines.append(f"| {name}.json | (not written yet) | |")
             continue
-        for key, value in _numbers(json.loads(path.read_text())):
+        for key, value in sorted(flatten(read_json(path)).items()):
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue  # lists and text are left to the full report
             lines.append(f"| {name}.json | {key} | {_format(value)} |")
     return "\n".join(lines) + "\n"

@@ -84,6 +84,15 @@ def read_json(path: Path) -> Any:
         raise DesensitizeError(f"{path}: not valid JSON ({exc})") from None
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts (metrics, params) as {dotted key: leaf}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        out.update(flatten(value, f"{name}.") if isinstance(value, dict) else {name: value})
+    return out
+
+
 def read_versioned_json(path: Path, version: int) -> Any:
     """Read a JSON record and refuse one written in another `format` version."""
     record = read_json(path)

@@ -34,10 +34,10 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 
-from desensitize.config import Params, load_params
+from desensitize.config import Params, get_dotted, load_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
-from desensitize.storage import sha256_file
+from desensitize.storage import flatten, sha256_file
 
 if TYPE_CHECKING:
     from desensitize.stages import Stage
@@ -185,31 +185,19 @@ def _log_items(items: tuple[str, ...], direction: str, paths: Paths, params: Par
             mlflow.log_input(MetaDataset(source, name=item, digest=digest), context=direction)
 
 
-def flatten(obj: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[_UNSAFE_KEY.sub("_", name)] = value
-    return out
+def _safe_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """Flattened, with the characters MLflow refuses in names replaced."""
+    return {_UNSAFE_KEY.sub("_", key): value for key, value in flatten(tree).items()}
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, int | float)}  # bools as 0 / 1
+    return {k: float(v) for k, v in _safe_keys(metrics).items() if isinstance(v, int | float)}  # bools as 0 / 1
 
 
 def _stage_params(stage: Stage, params: Params) -> dict[str, str]:
     """The params keys the stage uses (its dvc.yaml list), flattened to dotted names."""
     data = params.model_dump(mode="json")
-    out: dict[str, str] = {}
-    for key in stage.params:
-        value: Any = data
-        for part in key.split("."):
-            value = value[part]
-        out.update(flatten(value, f"{key}.") if isinstance(value, dict) else {key: value})
-    return {k: str(v) for k, v in out.items()}
+    return {k: str(v) for k, v in _safe_keys({key: get_dotted(data, key) for key in stage.params}).items()}
 
 
 def params_hash(params: Params) -> str:
