@@ -63,12 +63,12 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory):
 
 
 def tiny_params(**masks: object):
-    """digits (8x8) with a 2-pixel cell grid (16 cells) and the given `masks` settings."""
+    """digits (8x8) with a 2-pixel cell grid (16 cells), a short template search, and the given `masks` settings."""
     return parse_params(
         {
             "data": {"source": "digits"},
             "reference": {"epochs": 2, "batch_size": 64},
-            "masks": {"cell": 2, "hidden_ratio": 0.5, **masks},
+            "masks": {"cell": 2, "hidden_ratio": 0.5, "search": {"epochs": 2}, **masks},
         }
     )
 
@@ -96,6 +96,7 @@ def tiny_pipeline_params() -> dict:
     params["reference"].update(epochs=2, batch_size=64)
     params["train"].update(epochs=1, batch_size=64)
     params["masks"]["cell"] = 2
+    params["masks"]["search"]["epochs"] = 2
     params["attack"].update(sample=200, attackers=["telea", "learned"])
     params["attack"]["learned"].update(epochs=2, width=8)
     params["attack"]["thresholds"].update(max_psnr_gain=100, max_linkage_top1=1, max_recognition_recovery=1)
@@ -234,7 +235,7 @@ def tracked_params(gate: dict | None = None, enforce: bool = True):
         {
             "data": {"source": "digits"},
             "reference": {"epochs": 2, "batch_size": 64},
-            "masks": {"cell": 2, "hidden_ratio": 0.5},
+            "masks": {"cell": 2, "hidden_ratio": 0.5, "search": {"epochs": 2}},
             "train": {"epochs": 2, "batch_size": 32},
             "attack": {"sample": 100, "attackers": ["telea"], "enforce": enforce, "thresholds": gate or LENIENT_GATE},
         }

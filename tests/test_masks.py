@@ -7,6 +7,7 @@ from desensitize.errors import DesensitizeError
 from desensitize.masks import (
     apply_mask,
     cell_scores,
+    class_contrast,
     expand,
     fill_values,
     geometric_mask,
@@ -55,6 +56,20 @@ def test_template_to_mask_by_hand():
     expected[:3, :3] = 1  # keep TL (4) and BL (3)
     expected[3:, :3] = 1
     np.testing.assert_array_equal(mask, expected)
+
+
+def test_class_contrast_keeps_where_classes_differ_not_where_they_all_look():
+    # 4x4 image, 2x2 cells. Class 0 looks at the top-left cell, class 1 at the bottom-right one, and
+    # both as much at the top-right cell (the shared "centre"). Unequal class sizes must not matter.
+    maps = np.zeros((5, 4, 4))
+    maps[:, 0, 2] = 0.5  # top-right, every image
+    maps[:2, 0, 0] = 0.5  # class 0 (2 images): top-left
+    maps[2:, 3, 3] = 0.5  # class 1 (3 images): bottom-right
+    labels = np.array([0, 0, 1, 1, 1])
+    contrast = class_contrast(maps, labels)
+    np.testing.assert_allclose(cell_scores(contrast, 2), [[0.25, 0], [0, 0.25]])
+    np.testing.assert_array_equal(hide_lowest(cell_scores(contrast, 2), 2), [[1, 0], [0, 1]])
+    np.testing.assert_array_equal(hide_lowest(cell_scores(maps.mean(axis=0), 2), 3), [[0, 1], [0, 0]])
 
 
 def test_partial_edge_cells_and_ties():

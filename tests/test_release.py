@@ -42,23 +42,49 @@ def test_saliency_set_release_is_verified_and_holds_only_what_may_leave(tiny_pro
     assert (released.images[hidden] == 0).all() and (raw.images[hidden] > 0).any()
     release = json.loads((paths.release / RELEASE_JSON).read_text())
     assert set(release["shards"]) == {"train", "test"}  # never the public split
+    scores = metrics["template_search"]  # the default masks.template = search scored both candidates
+    assert set(scores) == {"mean", "class_contrast"} and all(0 < v <= 1 for v in scores.values())
+    assert release["template"] == metrics["template"] == max(scores, key=scores.__getitem__)
     for figure in ("template.png", "mask.png", "samples.png"):
         assert (paths.masks_reports / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_same_seed_same_masks_and_checksums(tiny_project, tmp_path: Path):
-    params = tiny_params(scope="image", fill="noise")
+@pytest.mark.parametrize("scope", ["image", "set"])
+def test_same_seed_same_masks_and_checksums(tiny_project, tmp_path: Path, scope: str):
+    params = tiny_params(scope=scope, fill="noise")
     first, second = _copy(tiny_project, tmp_path / "a"), _copy(tiny_project, tmp_path / "b")
-    generate_masks(params, first, device="cpu")
-    generate_masks(params, second, device="cpu")
+    first_metrics = generate_masks(params, first, device="cpu")
+    assert generate_masks(params, second, device="cpu")["template_search"] == first_metrics["template_search"]
     assert _checksums(first) == _checksums(second)
     masks = load_released(first.release, "train").masks
-    assert len({m.tobytes() for m in masks}) > 10  # image scope: masks follow each image
+    distinct = len({m.tobytes() for m in masks})
+    assert distinct == 1 if scope == "set" else distinct > 10  # image scope: masks follow each image
     verify_release(first.release, first.raw)
 
-    other = tiny_params(scope="image", fill="noise").model_copy(update={"seed": 1})
+    other = tiny_params(scope=scope, fill="noise").model_copy(update={"seed": 1})
     generate_masks(other, second, device="cpu")
     assert _checksums(first) != _checksums(second)
+
+
+def test_template_search_releases_the_mask_of_the_best_scoring_candidate(tiny_project, tmp_path: Path):
+    searched = _copy(tiny_project, tmp_path / "search")
+    scores = generate_masks(tiny_params(), searched, device="cpu")["template_search"]
+    masks = {}
+    for name in ("mean", "class_contrast"):
+        paths = _copy(tiny_project, tmp_path / name)
+        metrics = generate_masks(tiny_params(template=name), paths, device="cpu")
+        assert metrics["template"] == name and metrics["template_search"] is None
+        masks[name] = load_released(paths.release, "train").masks[0]
+    assert not np.array_equal(masks["mean"], masks["class_contrast"])  # two real candidates
+    best = max(scores, key=scores.__getitem__)
+    np.testing.assert_array_equal(load_released(searched.release, "train").masks[0], masks[best])
+
+
+def test_a_holdout_too_small_names_the_key_and_writes_nothing(tiny_project, tmp_path: Path):
+    paths = _copy(tiny_project, tmp_path)
+    with pytest.raises(DesensitizeError, match=r"masks.search.holdout = 0.0001 holds out 0 of \d+ train images"):
+        generate_masks(tiny_params(search={"holdout": 0.0001}), paths, device="cpu")
+    assert not paths.release.exists() and not paths.masks_metrics.exists()
 
 
 @pytest.mark.parametrize("strategy", ["random", "center", "border"])

@@ -37,7 +37,8 @@ def _gate_lines(attack: dict[str, Any], params: Params) -> list[str]:
 
 
 def _mask_line(info: dict[str, Any]) -> str:
-    method = f" ({info['method']} attribution)" if info["method"] else ""
+    template = f", {info['template']} template" if info.get("template") else ""
+    method = f" ({info['method']} attribution{template})" if info["method"] else ""
     return (
         f"{info['strategy']}{method} mask, {info['scope']} scope: {info['n_hidden_cells']} of {info['n_cells']} "
         f"cells of {info['cell']}x{info['cell']} pixels hidden ({info['hidden_ratio']:.1%}; "

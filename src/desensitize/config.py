@@ -18,6 +18,7 @@ SOURCES = ("mnist5k", "fashion-mnist", "digits", "imagefolder", "cifar10")
 BACKBONES = ("small_cnn", "resnet18")
 ATTRIBUTION_METHODS = ("saliency", "integrated_gradients", "gradient_shap", "grad_cam", "occlusion")
 STRATEGIES = ("saliency", "random", "center", "border")
+TEMPLATES = ("mean", "class_contrast", "search")
 ATTACKERS = ("telea", "navier_stokes", "biharmonic", "learned")
 
 
@@ -74,12 +75,21 @@ class AttributionParams(_Section):
     occlusion_stride: int = Field(2, ge=1, le=256)
 
 
+class SearchParams(_Section):
+    """masks.template = search: each candidate template's set mask is scored by a model trained through it."""
+
+    holdout: float = Field(0.2, gt=0, lt=1)  # share of train held out to score the candidates
+    epochs: int = Field(8, ge=1, le=1000)  # epochs of the scoring model (reference backbone and optimiser)
+
+
 class MaskParams(_Section):
     strategy: Literal[STRATEGIES] = "saliency"  # type: ignore[valid-type]
     scope: Literal["set", "image"] = "set"
     hidden_ratio: float = Field(0.75, gt=0, lt=1)
     cell: int = Field(7, ge=1, le=512)
     fill: Literal["zero", "mean", "noise"] = "zero"
+    template: Literal[TEMPLATES] = "search"  # type: ignore[valid-type]
+    search: SearchParams = SearchParams()
     attribution: AttributionParams = AttributionParams()
 
 

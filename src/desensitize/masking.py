@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,9 @@ from desensitize.config import MaskParams, Params
 from desensitize.errors import DesensitizeError
 from desensitize.ingest import Split, load_split
 from desensitize.masks import (
+    SEARCH_STREAM,
     apply_mask,
+    class_contrast,
     fill_values,
     geometric_mask,
     grid_shape,
@@ -26,12 +29,12 @@ from desensitize.masks import (
     n_hidden_cells,
     random_masks,
 )
-from desensitize.models import load_checkpoint
+from desensitize.models import build_backbone, load_checkpoint
 from desensitize.paths import Paths
 from desensitize.release import FILL_STREAMS, ReleasedSplit, verify_release, write_release
 from desensitize.reports import heatmap, image_grid
 from desensitize.storage import atomic_dir, write_json
-from desensitize.training import best_device, predict, to_float
+from desensitize.training import best_device, predict, seed_everything, to_float, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +86,81 @@ def _masked(
     }
 
 
-def _saliency(
-    cfg: MaskParams, splits: dict[str, Split], model: torch.nn.Module, device: torch.device, seed: int
-) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
-    """Masks from attribution maps; returns masks per split, the template and images/s of attribution."""
-    train = splits["train"]
+@dataclass
+class Saliency:
+    masks: dict[str, np.ndarray]  # per split
+    template: np.ndarray  # (H, W), the figure; for set scope also what the mask came from
+    template_name: str | None  # set scope: which template made the mask
+    search: dict[str, float] | None  # masks.template = search: each candidate's held-out accuracy
+    rate: float  # images/s of attribution
+
+
+def _saliency(params: Params, splits: dict[str, Split], model: torch.nn.Module, device: torch.device) -> Saliency:
+    """Masks from attribution maps of the train images against their labels."""
+    cfg, seed, train = params.masks, params.seed, splits["train"]
+    # A bad held-out share fails before the attribution work.
+    held_out = search_split(len(train.images), params) if cfg.scope == "set" and cfg.template == "search" else None
     start = time.perf_counter()
     train_maps = attribution_maps(
         model, to_float(train.images), torch.as_tensor(train.labels), cfg.attribution, device=device, seed=seed
     ).numpy()
     rate = len(train.images) / (time.perf_counter() - start)
-    template = train_maps.mean(axis=0)
-    if cfg.scope == "set":
+    if cfg.scope == "image":
+        masks = {"train": mask_from_maps(train_maps, cfg.cell, cfg.hidden_ratio)}
+        for name, split in splits.items():
+            if name != "train":
+                masks[name] = per_image_saliency_masks(model, split.images, cfg, device, seed)
+        return Saliency(masks, train_maps.mean(axis=0), None, None, rate)
+    templates = {"mean": train_maps.mean(axis=0), "class_contrast": class_contrast(train_maps, train.labels)}
+    scores = search_template(templates, train, held_out, params, device) if held_out is not None else None
+    chosen = max(scores, key=scores.__getitem__) if scores else cfg.template  # ties: the first, `mean`
+    mask = mask_from_maps(templates[chosen], cfg.cell, cfg.hidden_ratio)
+    return Saliency({name: mask for name in splits}, templates[chosen], chosen, scores, rate)
+
+
+def search_split(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (held-out, rest) indices of the n train images for masks.template = search."""
+    share = params.masks.search.holdout
+    n_holdout = round(share * n)
+    if not 0 < n_holdout < n:
+        raise DesensitizeError(
+            f"masks.search.holdout = {share:g} holds out {n_holdout} of {n} train images; both parts need at least one"
+        )
+    order = np.random.default_rng([params.seed, SEARCH_STREAM]).permutation(n)
+    return order[:n_holdout], order[n_holdout:]
+
+
+def search_template(
+    templates: dict[str, np.ndarray],
+    train: Split,
+    held_out: tuple[np.ndarray, np.ndarray],
+    params: Params,
+    device: torch.device,
+) -> dict[str, float]:
+    """Score each candidate template's set mask by what a model can still learn through it: a model
+    with the reference's backbone and optimiser, trained `masks.search.epochs` epochs on the masked
+    train images `rest`, scored on the `held-out` ones (see search_split). Test data is never used. Returns
+    the held-out accuracy per template, in the order given. (Too few epochs favour a compact
+    central mask that is quick to learn over a spread one that ends up better.)"""
+    cfg, ref = params.masks, params.reference
+    holdout, rest = held_out
+    mean = channel_mean(train)
+    scores: dict[str, float] = {}
+    scored: dict[bytes, float] = {}  # candidates that give the same mask are scored once
+    for name, template in templates.items():
         mask = mask_from_maps(template, cfg.cell, cfg.hidden_ratio)
-        return {name: mask for name in splits}, template, rate
-    masks = {"train": mask_from_maps(train_maps, cfg.cell, cfg.hidden_ratio)}
-    for name, split in splits.items():
-        if name != "train":
-            masks[name] = per_image_saliency_masks(model, split.images, cfg, device, seed)
-    return masks, template, rate
+        if mask.tobytes() not in scored:
+            images = mask_images(train, mask, cfg.fill, mean, params.seed, FILL_STREAMS["train"])
+            seed_everything(params.seed)
+            model = build_backbone(ref.backbone, images.shape[1], len(train.class_names))
+            train_classifier(
+                model, images[rest], train.labels[rest], epochs=cfg.search.epochs, batch_size=ref.batch_size,
+                lr=ref.lr, weight_decay=ref.weight_decay, seed=params.seed, device=device, name=f"search {name}",
+            )  # fmt: skip
+            scored[mask.tobytes()] = float((predict(model, images[holdout], device) == train.labels[holdout]).mean())
+        scores[name] = scored[mask.tobytes()]
+        log.info("template search: %s mask, held-out accuracy %.4f", name, scores[name])
+    return scores
 
 
 def per_image_saliency_masks(
@@ -137,10 +196,11 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     torch_device = best_device(device)
     model, _ = load_checkpoint(paths.reference_model, torch_device)
 
-    template, rate = None, None
+    saliency = None
     if cfg.strategy == "saliency":
-        masks, template, rate = _saliency(cfg, splits, model, torch_device, params.seed)
-        log.info("%s attribution: %.0f images/s on %s", cfg.attribution.method, rate, torch_device)
+        saliency = _saliency(params, splits, model, torch_device)
+        masks = saliency.masks
+        log.info("%s attribution: %.0f images/s on %s", cfg.attribution.method, saliency.rate, torch_device)
     elif cfg.strategy == "random":
         masks = _random(cfg, splits, params.seed)
     else:
@@ -163,6 +223,7 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         "method": cfg.attribution.method if cfg.strategy == "saliency" else None,
         "noise_tunnel": cfg.attribution.noise_tunnel if cfg.strategy == "saliency" else None,
         "scope": cfg.scope,
+        "template": saliency.template_name if saliency else None,
         "hidden_ratio_requested": cfg.hidden_ratio,
         "hidden_ratio": n_hidden / (gh * gw),
         "hidden_ratio_pixels": hidden_pixels,
@@ -180,11 +241,12 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         write_release(tmp, released, info=info, shard_size=params.data.shard_size)
         verify_release(tmp, paths.raw)  # nothing unverified ever lands in data/release
 
-    _figures(paths, template, released, splits["train"])
+    _figures(paths, saliency, released, splits["train"])
     metrics = {
-        **{k: info[k] for k in ("strategy", "method", "scope", "hidden_ratio", "hidden_ratio_pixels", "n_cells",
-                                "n_hidden_cells", "cell", "fill")},
-        "attribution_images_per_second": rate,
+        **{k: info[k] for k in ("strategy", "method", "scope", "template", "hidden_ratio", "hidden_ratio_pixels",
+                                "n_cells", "n_hidden_cells", "cell", "fill")},
+        "template_search": saliency.search if saliency else None,
+        "attribution_images_per_second": saliency.rate if saliency else None,
         "device": torch_device.type,
         "reference_accuracy_on_raw_test": accuracy["raw"],
         "reference_accuracy_on_masked_test": accuracy["masked"],
@@ -198,10 +260,12 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     return metrics
 
 
-def _figures(paths: Paths, template: np.ndarray | None, released: dict[str, ReleasedSplit], raw: Split) -> None:
+def _figures(paths: Paths, saliency: Saliency | None, released: dict[str, ReleasedSplit], raw: Split) -> None:
     out = paths.masks_reports
-    if template is not None:
-        heatmap(template, out / "template.png", "critical template (mean attribution, train)")
+    if saliency is not None:
+        title = {"mean": "mean attribution", "class_contrast": "between-class spread of attribution"}
+        name = saliency.template_name or "mean"
+        heatmap(saliency.template, out / "template.png", f"critical template ({title[name]}, train)")
     visible = released["train"].masks.mean(axis=0)
     heatmap(visible, out / "mask.png", "mask: share of images where a pixel is visible", cmap="gray")
     k = min(8, len(raw.images))

@@ -16,6 +16,7 @@ from desensitize.errors import DesensitizeError
 # Fixed stream ids so that different random uses of the same seed never share numbers.
 RANDOM_MASK_STREAM = 1
 NOISE_FILL_STREAM = 2
+SEARCH_STREAM = 3  # the held-out share of masks.template = search
 
 
 def grid_shape(height: int, width: int, cell: int) -> tuple[int, int]:
@@ -64,6 +65,13 @@ def mask_from_maps(maps: np.ndarray, cell: int, ratio: float) -> np.ndarray:
     scores = cell_scores(maps, cell)
     n_hidden = n_hidden_cells(scores.shape[-2] * scores.shape[-1], ratio)
     return expand(hide_lowest(scores, n_hidden), height, width, cell)
+
+
+def class_contrast(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Between-class spread of attribution, (N, H, W) maps -> (H, W): the std over classes of each
+    class's mean map. High where the evidence differs from class to class; low where every class
+    puts its attribution alike (e.g. the centre every garment covers), which a mean template favours."""
+    return np.stack([maps[labels == c].mean(axis=0) for c in np.unique(labels)]).std(axis=0)
 
 
 def random_masks(

@@ -79,6 +79,7 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         "model_digest": dvc_md5(paths.model(MODEL)),
         "mask_strategy": info["strategy"],
         "mask_method": str(info["method"]),
+        "mask_template": str(info.get("template")),  # set scope: the template the mask came from
         "mask_scope": info["scope"],
         "hidden_ratio": repr(info["hidden_ratio"]),
         "registration_run_id": run.info.run_id,

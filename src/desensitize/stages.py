@@ -50,7 +50,7 @@ STAGES: dict[str, Stage] = {
         Stage("reference", "desensitize.reference:train_reference", params=("seed", "reference"),
               reads=("raw/train", "raw/test"), writes=("model/reference",),
               artifacts=lambda p: (p.reference_metrics, p.reference_history)),
-        Stage("masks", "desensitize.masking:generate_masks", params=("seed", "data.shard_size", "masks"),
+        Stage("masks", "desensitize.masking:generate_masks", params=("seed", "data.shard_size", "masks", "reference"),
               reads=("raw/train", "raw/test", "model/reference"), writes=("release",),
               artifacts=lambda p: (p.masks_metrics, p.release / "release.json", p.masks_reports / "template.png",
                                    p.masks_reports / "mask.png")),
