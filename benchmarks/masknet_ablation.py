@@ -1,7 +1,7 @@
 """MaskNet design ablation: which feature selection variant earns its place over `plain`.
 
-Every seed x scope x hidden ratio point (saliency masks, other settings from the params file) runs
-in a workspace of its own: the pipeline's own stages ingest -> reference -> masks -> train ->
+Every seed x scope x hidden ratio point (saliency masks; every other setting from --params,
+default params.yaml) runs in a workspace of its own: the pipeline's own stages ingest -> reference -> masks -> train ->
 baselines -> evaluate (raw, plain_random, plain and the default masknet), then every MaskNet
 variant below on the same release, backbone, epochs and seed, scored on the released test set.
 Points run in parallel worker processes (each on the best device: CUDA when present).
@@ -16,6 +16,7 @@ variant's paired gain over plain; writes every row to --out (CSV).
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import itertools
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "input_only": {"gates": "none"},  # mask channel + hidden pixels zeroed, no gates
@@ -63,7 +65,8 @@ def run_point(settings: dict[str, Any], variants: list[str], root: str, device: 
     start = time.perf_counter()
     metrics = {name: run_stage(name, params, paths, device) for name in STAGES_RUN}
     row: dict[str, Any] = {"seed": params.seed, "scope": m.scope, "hidden_ratio": m.hidden_ratio,
-                           "method": m.attribution.method, **metrics["evaluate"]["accuracy"]}  # fmt: skip
+                           "method": m.attribution.method, "template": metrics["masks"]["template"],
+                           **metrics["evaluate"]["accuracy"]}  # fmt: skip
     train, test = load_released(paths.release, "train"), load_released(paths.release, "test")
     x_train, x_test = with_mask_channel(train.images, train.masks), with_mask_channel(test.images, test.masks)
     torch_device, cfg = best_device(device), params.train
@@ -107,6 +110,7 @@ def _write(out: Path, rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings not given below")
     parser.add_argument("--source", default="mnist5k")
     parser.add_argument("--path", default=None, help="data.path (fashion-mnist: the IDX directory)")
     parser.add_argument("--split", default="0.6,0.2,0.2", help="train,test,public fractions")
@@ -121,16 +125,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/masknet_ablation.csv"))
     args = parser.parse_args()
     train, test, public = (float(x) for x in args.split.split(","))
-    points = [
-        {"seed": seed, "data": {"source": args.source, "path": args.path,
-                                "split": {"train": train, "test": test, "public": public}},
-         "train": {"epochs": args.epochs},
-         "masks": {"scope": scope, "hidden_ratio": ratio, "attribution": {"method": method}}}
-        for seed, scope, ratio, method in itertools.product(
-            (int(s) for s in args.seeds.split(",")), args.scopes.split(","),
-            (float(r) for r in args.ratios.split(",")), args.methods.split(","),
-        )
-    ]  # fmt: skip
+    base = yaml.safe_load(args.params.read_text()) or {}
+    points = []
+    for seed, scope, ratio, method in itertools.product(
+        (int(s) for s in args.seeds.split(",")), args.scopes.split(","),
+        (float(r) for r in args.ratios.split(",")), args.methods.split(","),
+    ):  # fmt: skip
+        point = copy.deepcopy(base)
+        point["seed"] = seed
+        point.setdefault("data", {}).update(source=args.source, path=args.path,
+                                            split={"train": train, "test": test, "public": public})  # fmt: skip
+        point.setdefault("train", {})["epochs"] = args.epochs
+        point.setdefault("masks", {}).update(scope=scope, hidden_ratio=ratio)
+        point["masks"].setdefault("attribution", {})["method"] = method
+        points.append(point)
     variants = [name for name in args.variants.split(",") if name]
     unknown = set(variants) - set(VARIANTS)
     if unknown:

@@ -72,7 +72,7 @@ def run_sweep(
             _link(base.reference_model, paths.reference_model)
             masks = generate_masks(point, paths, device=device)
             row: dict[str, Any] = {"seed": seed, "scope": scope, "hidden_ratio": ratio, "strategy": strategy,
-                                   "hidden_pixels": masks["hidden_ratio_pixels"]}  # fmt: skip
+                                   "template": masks["template"], "hidden_pixels": masks["hidden_ratio_pixels"]}  # fmt: skip
             if attack:
                 result = run_attack(point, paths, device=device)
                 best = result["attackers"][result["best_attacker"]]
