@@ -144,7 +144,9 @@ def summary() -> None:
     if paths.masks_metrics.is_file():
         m = read_json(paths.masks_metrics)
         lines.append(
-            f"masks      {m['strategy']}/{m['method'] or '-'}, {m['scope']} scope: {m['n_hidden_cells']} of {m['n_cells']} "
+            f"masks      {m['strategy']}/{m['method'] or '-'}, {m['scope']} scope"
+            + (f" ({m['template']} template)" if m.get("template") else "")
+            + f": {m['n_hidden_cells']} of {m['n_cells']} "
             f"cells hidden; reference accuracy on masked test {m['reference_accuracy_on_masked_test']:.4f} "
             f"(random mask {m['reference_accuracy_on_random_masked_test']:.4f})"
         )
