@@ -64,6 +64,8 @@ def test_lineage_of_the_champion_matches_dvc_lock(project, monkeypatch):
     assert chain["mask_run"]["reference_model_digest"] == _lock_md5(root, "reference", "models/reference.npz")
     assert (chain["mask_run"]["strategy"], chain["mask_run"]["method"], chain["mask_run"]["hidden_ratio"]) == (
         "saliency", "saliency", "0.75")  # fmt: skip
+    released_with = json.loads((root / "data" / "release" / "release.json").read_text())["template"]
+    assert chain["mask_run"]["template"] == chain["model"]["tags"]["mask_template"] == released_with
     assert chain["raw"]["digest"] == _lock_md5(root, "ingest", "data/raw")
     assert chain["attack_run"]["gate"]["passed"] is True
     # One `desensitize repro`: every stage run is a child of the same pipeline run.

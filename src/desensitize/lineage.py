@@ -87,6 +87,13 @@ def lineage(ref: str, paths: Paths) -> dict[str, Any]:
     mtags, mparams = (masks.data.tags, masks.data.params) if masks else ({}, {})
     raw_digest = mtags.get(item_tag("input", "raw/train"))
 
+    template = None  # set scope: the template the mask came from (masks.template may be `search`)
+    if masks:
+        try:
+            template = mlflow.artifacts.load_dict(f"runs:/{masks.info.run_id}/metrics/masks.json").get("template")
+        except (MlflowException, OSError) as exc:
+            problems.append(f"masks run {masks.info.run_id}: no readable metrics/masks.json ({exc})")
+
     gate = None
     if attack:
         try:
@@ -112,7 +119,7 @@ def lineage(ref: str, paths: Paths) -> dict[str, Any]:
         "release": {"path": "data/release", "digest": release_digest},
         "mask_run": _run(masks or None, strategy=mparams.get("masks.strategy"),
                          method=mparams.get("masks.attribution.method"), hidden_ratio=mparams.get("masks.hidden_ratio"),
-                         scope=mparams.get("masks.scope"), cell=mparams.get("masks.cell"),
+                         scope=mparams.get("masks.scope"), cell=mparams.get("masks.cell"), template=template,
                          reference_model_digest=mtags.get(item_tag("input", "model/reference"))),
         "raw": {"path": "data/raw", "digest": raw_digest},
         "attack_run": _run(attack or None, gate=gate),
@@ -130,7 +137,8 @@ def format_text(chain: dict[str, Any]) -> str:
         f"training run  {t['run_id']} ({t['status']})" if t else "training run  NOT FOUND",
         f"release       {chain['release']['path']} md5 {chain['release']['digest']}",
         (f"mask run      {mr['run_id']}: {mr['strategy']} ({mr['method']}), {mr['scope']} scope, hidden ratio "
-         f"{mr['hidden_ratio']}, cell {mr['cell']}; reference model md5 {mr['reference_model_digest']}")
+         f"{mr['hidden_ratio']}, cell {mr['cell']}" + (f", {mr['template']} template" if mr["template"] else "")
+         + f"; reference model md5 {mr['reference_model_digest']}")
         if mr else "mask run      NOT FOUND",
         f"raw dataset   {chain['raw']['path']} md5 {chain['raw']['digest']}",
         (f"attack gate   {a['run_id']}: {a['gate']['message'] if a['gate'] else 'verdict not readable'}")
