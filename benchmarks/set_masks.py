@@ -36,23 +36,20 @@ from desensitize.config import parse_params
 from desensitize.ingest import ingest, load_split
 from desensitize.masking import channel_mean, mask_images, search_split, search_template
 from desensitize.masks import class_contrast, mask_from_maps, random_masks
-from desensitize.models import build_backbone, load_checkpoint
+from desensitize.models import load_checkpoint
 from desensitize.paths import Paths
 from desensitize.reference import train_reference
 from desensitize.release import FILL_STREAMS
-from desensitize.training import best_device, predict, seed_everything, to_float, train_classifier
+from desensitize.training import best_device, fit_and_score, to_float
 
 
 def _plain_accuracy(params, train, test, mask: np.ndarray, device: torch.device) -> float:
     """`plain` trained on the masked train split, scored on the masked test split."""
-    cfg, fill, mean = params.train, params.masks.fill, channel_mean(train)
+    fill, mean = params.masks.fill, channel_mean(train)
     x_train = mask_images(train, mask, fill, mean, params.seed, FILL_STREAMS["train"])
     x_test = mask_images(test, mask, fill, mean, params.seed, FILL_STREAMS["test"])
-    seed_everything(params.seed)
-    model = build_backbone(cfg.backbone, x_train.shape[1], len(train.class_names))
-    train_classifier(model, x_train, train.labels, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                     weight_decay=cfg.weight_decay, seed=params.seed, device=device, name="plain")  # fmt: skip
-    return float((predict(model, x_test, device) == test.labels).mean())
+    return fit_and_score(params.train, x_train, train.labels, x_test, test.labels, num_classes=len(train.class_names),
+                         seed=params.seed, device=device, name="plain")  # fmt: skip
 
 
 def run_seed(params, ratios: list[float], n_random: int, root: Path, device: torch.device) -> list[dict[str, Any]]:

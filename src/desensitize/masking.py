@@ -29,12 +29,12 @@ from desensitize.masks import (
     n_hidden_cells,
     random_masks,
 )
-from desensitize.models import build_backbone, load_checkpoint
+from desensitize.models import load_checkpoint
 from desensitize.paths import Paths
 from desensitize.release import FILL_STREAMS, ReleasedSplit, verify_release, write_release
 from desensitize.reports import heatmap, image_grid
 from desensitize.storage import atomic_dir, write_json
-from desensitize.training import best_device, predict, seed_everything, to_float, train_classifier
+from desensitize.training import best_device, fit_and_score, predict, to_float
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def search_template(
     train images `rest`, scored on the `held-out` ones (see search_split). Test data is never used. Returns
     the held-out accuracy per template, in the order given. (Too few epochs favour a compact
     central mask that is quick to learn over a spread one that ends up better.)"""
-    cfg, ref = params.masks, params.reference
+    cfg = params.masks
     holdout, rest = held_out
     mean = channel_mean(train)
     scores: dict[str, float] = {}
@@ -151,13 +151,11 @@ def search_template(
         mask = mask_from_maps(template, cfg.cell, cfg.hidden_ratio)
         if mask.tobytes() not in scored:
             images = mask_images(train, mask, cfg.fill, mean, params.seed, FILL_STREAMS["train"])
-            seed_everything(params.seed)
-            model = build_backbone(ref.backbone, images.shape[1], len(train.class_names))
-            train_classifier(
-                model, images[rest], train.labels[rest], epochs=cfg.search.epochs, batch_size=ref.batch_size,
-                lr=ref.lr, weight_decay=ref.weight_decay, seed=params.seed, device=device, name=f"search {name}",
+            scored[mask.tobytes()] = fit_and_score(
+                params.reference, images[rest], train.labels[rest], images[holdout], train.labels[holdout],
+                num_classes=len(train.class_names), seed=params.seed, device=device, epochs=cfg.search.epochs,
+                name=f"search {name}",
             )  # fmt: skip
-            scored[mask.tobytes()] = float((predict(model, images[holdout], device) == train.labels[holdout]).mean())
         scores[name] = scored[mask.tobytes()]
         log.info("template search: %s mask, held-out accuracy %.4f", name, scores[name])
     return scores

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from desensitize.config import ClassifierParams
 from desensitize.errors import DesensitizeError
-from desensitize.models import build_model, save_checkpoint
+from desensitize.models import build_backbone, build_model, save_checkpoint
 from desensitize.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,30 @@ def fit(
     save_checkpoint(model_path, model, **spec)
     write_history(history_path, history)
     return model, history
+
+
+def fit_and_score(
+    cfg: ClassifierParams,
+    images: np.ndarray,
+    labels: np.ndarray,
+    eval_images: np.ndarray,
+    eval_labels: np.ndarray,
+    *,
+    num_classes: int,
+    seed: int,
+    device: torch.device,
+    epochs: int | None = None,
+    name: str = "model",
+) -> float:
+    """Train a fresh, seeded `cfg.backbone` (for `epochs`, default `cfg.epochs`) and return its top-1
+    accuracy on the eval set; nothing is saved."""
+    seed_everything(seed)  # the initial weights too
+    model = build_backbone(cfg.backbone, images.shape[1], num_classes)
+    train_classifier(
+        model, images, labels, epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, seed=seed, device=device, name=name,
+    )  # fmt: skip
+    return float((predict(model, eval_images, device) == eval_labels).mean())
 
 
 def write_history(path: Path, history: History) -> None:
