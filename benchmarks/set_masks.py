@@ -2,10 +2,10 @@
 against random masks of the same ratio and grid.
 
 Per seed: the pipeline's ingest and reference stages in a temporary workspace, and the train
-images' attribution maps (masks.attribution). Then per hidden ratio: the set mask of each template
-(`mean`, `class_contrast`), the one `masks.template: search` picks from them (scored on held-out
-train images only), and --random seeded random masks (draw 0 is the pipeline's `plain_random`
-mask). For each mask, `plain` (the `train` params: backbone, epochs, optimiser) is trained on the
+images' attribution maps (masks.attribution). Then per hidden ratio: the set mask of each
+template (`mean`, `class_contrast`, `mean_spread`), the one `masks.template: search` picks from
+them (scored on held-out train images only), and --random seeded random masks (draw 0 is the
+pipeline's `plain_random` mask). For each mask, `plain` (the `train` params: backbone, epochs, optimiser) is trained on the
 masked train split and scored on the masked test split. Every setting not given below comes from
 --params (default params.yaml).
 
@@ -34,8 +34,8 @@ import yaml
 from desensitize.attribution import attribution_maps
 from desensitize.config import parse_params
 from desensitize.ingest import ingest, load_split
-from desensitize.masking import channel_mean, mask_images, search_split, search_template
-from desensitize.masks import class_contrast, mask_from_maps, random_masks
+from desensitize.masking import channel_mean, mask_images, search_split, search_template, set_mask_candidates
+from desensitize.masks import random_masks
 from desensitize.models import load_checkpoint
 from desensitize.paths import Paths
 from desensitize.reference import train_reference
@@ -60,14 +60,15 @@ def run_seed(params, ratios: list[float], n_random: int, root: Path, device: tor
     model, _ = load_checkpoint(paths.reference_model, device)
     maps = attribution_maps(model, to_float(train.images), torch.as_tensor(train.labels), params.masks.attribution,
                             device=device, seed=params.seed).numpy()  # fmt: skip
-    templates = {"mean": maps.mean(axis=0), "class_contrast": class_contrast(maps, train.labels)}
     _, _, height, width = train.images.shape
     rows = []
     for ratio in ratios:
-        point = params.model_copy(update={"masks": params.masks.model_copy(update={"hidden_ratio": ratio})})
+        point_masks = params.masks.model_copy(update={"hidden_ratio": ratio, "template": "search"})
+        point = params.model_copy(update={"masks": point_masks})
         cell = point.masks.cell
-        scores = search_template(templates, train, search_split(len(train.images), point), point, device)
-        masks = {name: mask_from_maps(t, cell, ratio) for name, t in templates.items()}
+        candidates = set_mask_candidates(maps, train.labels, point.masks)
+        masks = {name: mask for name, (_, mask) in candidates.items()}
+        scores = search_template(masks, train, search_split(len(train.images), point), point, device)
         masks["search"] = masks[max(scores, key=scores.__getitem__)]
         for r in range(n_random):
             masks[f"random{r}"] = random_masks(None, height, width, cell, ratio, params.seed, stream=r)

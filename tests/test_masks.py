@@ -16,6 +16,7 @@ from desensitize.masks import (
     mask_from_maps,
     n_hidden_cells,
     random_masks,
+    spread_ranks,
 )
 
 
@@ -70,6 +71,24 @@ def test_class_contrast_keeps_where_classes_differ_not_where_they_all_look():
     np.testing.assert_allclose(cell_scores(contrast, 2), [[0.25, 0], [0, 0.25]])
     np.testing.assert_array_equal(hide_lowest(cell_scores(contrast, 2), 2), [[1, 0], [0, 1]])
     np.testing.assert_array_equal(hide_lowest(cell_scores(maps.mean(axis=0), 2), 3), [[0, 1], [0, 0]])
+
+
+def test_spread_keeps_the_best_cells_apart_before_filling_in():
+    # 3x4 grid: a hot 2x2 block at the top left, a warm cell at the right, a cool one bottom left.
+    scores = np.array([[9.0, 8, 0, 1], [7, 6, 0, 5], [2, 0, 0, 0]])
+    ranks = spread_ranks(scores)
+    # Best first, skipping cells next to a kept one (diagonals count): 9, then 5 (8, 7 and 6 touch
+    # the 9), then 2 (it touches 7 and 6, which were skipped); every other cell touches one of the
+    # three. After them the skipped cells in score order: 8 first.
+    np.testing.assert_array_equal(hide_lowest(ranks, 12 - 4), [[1, 1, 0, 0], [0, 0, 0, 1], [1, 0, 0, 0]])
+    # ... then 7, 6 and 1.
+    np.testing.assert_array_equal(hide_lowest(ranks, 12 - 7), [[1, 1, 0, 1], [1, 1, 0, 1], [1, 0, 0, 0]])
+    assert sorted(ranks.ravel()) == list(range(1, 13))  # a strict order of all cells
+    # Without spread the hot block is kept whole; with it the same number of cells is hidden.
+    maps = np.repeat(np.repeat(scores, 2, axis=0), 2, axis=1)  # 2-pixel cells
+    plain, spread = mask_from_maps(maps, 2, 2 / 3), mask_from_maps(maps, 2, 2 / 3, spread=True)
+    assert plain.sum() == spread.sum() == 4 * 4  # 4 cells of 4 pixels visible
+    assert plain[:4, :4].all() and not spread[:4, :4].all()
 
 
 def test_partial_edge_cells_and_ties():

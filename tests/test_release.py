@@ -42,8 +42,8 @@ def test_saliency_set_release_is_verified_and_holds_only_what_may_leave(tiny_pro
     assert (released.images[hidden] == 0).all() and (raw.images[hidden] > 0).any()
     release = json.loads((paths.release / RELEASE_JSON).read_text())
     assert set(release["shards"]) == {"train", "test"}  # never the public split
-    scores = metrics["template_search"]  # the default masks.template = search scored both candidates
-    assert set(scores) == {"mean", "class_contrast"} and all(0 < v <= 1 for v in scores.values())
+    scores = metrics["template_search"]  # the default masks.template = search scored every candidate
+    assert list(scores) == ["mean", "class_contrast", "mean_spread"] and all(0 < v <= 1 for v in scores.values())
     assert release["template"] == metrics["template"] == max(scores, key=scores.__getitem__)
     for figure in ("template.png", "mask.png", "samples.png"):
         assert (paths.masks_reports / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -70,12 +70,12 @@ def test_template_search_releases_the_mask_of_the_best_scoring_candidate(tiny_pr
     searched = _copy(tiny_project, tmp_path / "search")
     scores = generate_masks(tiny_params(), searched, device="cpu")["template_search"]
     masks = {}
-    for name in ("mean", "class_contrast"):
+    for name in ("mean", "class_contrast", "mean_spread"):
         paths = _copy(tiny_project, tmp_path / name)
         metrics = generate_masks(tiny_params(template=name), paths, device="cpu")
         assert metrics["template"] == name and metrics["template_search"] is None
         masks[name] = load_released(paths.release, "train").masks[0]
-    assert not np.array_equal(masks["mean"], masks["class_contrast"])  # two real candidates
+    assert len({mask.tobytes() for mask in masks.values()}) == 3  # three real candidates
     best = max(scores, key=scores.__getitem__)
     np.testing.assert_array_equal(load_released(searched.release, "train").masks[0], masks[best])
 

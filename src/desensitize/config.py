@@ -18,7 +18,7 @@ SOURCES = ("mnist5k", "fashion-mnist", "digits", "imagefolder", "cifar10")
 BACKBONES = ("small_cnn", "resnet18")
 ATTRIBUTION_METHODS = ("saliency", "integrated_gradients", "gradient_shap", "grad_cam", "occlusion")
 STRATEGIES = ("saliency", "random", "center", "border")
-TEMPLATES = ("mean", "class_contrast", "search")
+TEMPLATES = ("mean", "class_contrast", "mean_spread", "search")
 ATTACKERS = ("telea", "navier_stokes", "biharmonic", "learned")
 
 

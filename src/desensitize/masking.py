@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from desensitize.attribution import attribution_maps
-from desensitize.config import MaskParams, Params
+from desensitize.config import TEMPLATES, MaskParams, Params
 from desensitize.errors import DesensitizeError
 from desensitize.ingest import Split, load_split
 from desensitize.masks import (
@@ -111,11 +111,28 @@ def _saliency(params: Params, splits: dict[str, Split], model: torch.nn.Module, 
             if name != "train":
                 masks[name] = per_image_saliency_masks(model, split.images, cfg, device, seed)
         return Saliency(masks, train_maps.mean(axis=0), None, None, rate)
-    templates = {"mean": train_maps.mean(axis=0), "class_contrast": class_contrast(train_maps, train.labels)}
-    scores = search_template(templates, train, held_out, params, device) if held_out is not None else None
+    candidates = set_mask_candidates(train_maps, train.labels, cfg)
+    masks = {name: mask for name, (_, mask) in candidates.items()}
+    scores = search_template(masks, train, held_out, params, device) if held_out is not None else None
     chosen = max(scores, key=scores.__getitem__) if scores else cfg.template  # ties: the first, `mean`
-    mask = mask_from_maps(templates[chosen], cfg.cell, cfg.hidden_ratio)
-    return Saliency({name: mask for name in splits}, templates[chosen], chosen, scores, rate)
+    template, mask = candidates[chosen]
+    return Saliency({name: mask for name in splits}, template, chosen, scores, rate)
+
+
+def set_mask_candidates(
+    maps: np.ndarray, labels: np.ndarray, cfg: MaskParams
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Set scope: template name -> (its (H, W) map of the train attribution maps, its set mask).
+    Every template of TEMPLATES when masks.template = search (in that order), else the one named.
+    `mean`: the mean map; `class_contrast`: the between-class spread (masks.class_contrast);
+    `mean_spread`: the mean map's cells kept apart (masks.spread_ranks)."""
+    names = [name for name in TEMPLATES if name != "search"] if cfg.template == "search" else [cfg.template]
+    candidates = {}
+    for name in names:
+        template = class_contrast(maps, labels) if name == "class_contrast" else maps.mean(axis=0)
+        spread = name == "mean_spread"
+        candidates[name] = template, mask_from_maps(template, cfg.cell, cfg.hidden_ratio, spread=spread)
+    return candidates
 
 
 def search_split(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
@@ -131,24 +148,24 @@ def search_split(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
 
 
 def search_template(
-    templates: dict[str, np.ndarray],
+    masks: dict[str, np.ndarray],
     train: Split,
     held_out: tuple[np.ndarray, np.ndarray],
     params: Params,
     device: torch.device,
 ) -> dict[str, float]:
-    """Score each candidate template's set mask by what a model can still learn through it: a model
-    with the reference's backbone and optimiser, trained `masks.search.epochs` epochs on the masked
-    train images `rest`, scored on the `held-out` ones (see search_split). Test data is never used. Returns
-    the held-out accuracy per template, in the order given. (Too few epochs favour a compact
+    """Score each candidate's set mask (template name -> (H, W) mask) by what a model can still
+    learn through it: a model with the reference's backbone and optimiser, trained
+    `masks.search.epochs` epochs on the masked train images `rest`, scored on the `held-out` ones
+    (see search_split). Test data is never used. Returns the held-out accuracy per template, in the
+    order given. (Too few epochs favour a compact
     central mask that is quick to learn over a spread one that ends up better.)"""
     cfg = params.masks
     holdout, rest = held_out
     mean = channel_mean(train)
     scores: dict[str, float] = {}
     scored: dict[bytes, float] = {}  # candidates that give the same mask are scored once
-    for name, template in templates.items():
-        mask = mask_from_maps(template, cfg.cell, cfg.hidden_ratio)
+    for name, mask in masks.items():
         if mask.tobytes() not in scored:
             images = mask_images(train, mask, cfg.fill, mean, params.seed, FILL_STREAMS["train"])
             scored[mask.tobytes()] = fit_and_score(
@@ -261,7 +278,11 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
 def _figures(paths: Paths, saliency: Saliency | None, released: dict[str, ReleasedSplit], raw: Split) -> None:
     out = paths.masks_reports
     if saliency is not None:
-        title = {"mean": "mean attribution", "class_contrast": "between-class spread of attribution"}
+        title = {
+            "mean": "mean attribution",
+            "class_contrast": "between-class spread of attribution",
+            "mean_spread": "mean attribution, cells kept apart",
+        }
         name = saliency.template_name or "mean"
         heatmap(saliency.template, out / "template.png", f"critical template ({title[name]}, train)")
     visible = released["train"].masks.mean(axis=0)

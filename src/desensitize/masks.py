@@ -59,10 +59,33 @@ def expand(cell_mask: np.ndarray, height: int, width: int, cell: int) -> np.ndar
     return np.ascontiguousarray(pixels[..., :height, :width])
 
 
-def mask_from_maps(maps: np.ndarray, cell: int, ratio: float) -> np.ndarray:
-    """Keep the cells holding the most attribution, hide the rest: (..., H, W) maps -> masks."""
+def spread_ranks(scores: np.ndarray) -> np.ndarray:
+    """Re-rank a (gh, gw) grid so that cells are kept best first but apart: a cell next to (8
+    neighbours) one already kept comes after every cell that is not. Returns rank scores (higher =
+    kept sooner) for hide_lowest. Adjacent cells carry overlapping evidence; cells spread over the
+    object let a model retrained on the release see more of its outline."""
+    gh, gw = scores.shape
+    taken = np.zeros((gh + 2, gw + 2), dtype=bool)  # padded: neighbours of edge cells exist
+    apart, later = [], []
+    for index in np.argsort(-scores.ravel(), kind="stable"):
+        row, col = divmod(int(index), gw)
+        if taken[row : row + 3, col : col + 3].any():
+            later.append(index)
+        else:
+            apart.append(index)
+            taken[row + 1, col + 1] = True
+    ranks = np.empty(gh * gw)
+    ranks[apart + later] = np.arange(gh * gw, 0, -1)
+    return ranks.reshape(gh, gw)
+
+
+def mask_from_maps(maps: np.ndarray, cell: int, ratio: float, spread: bool = False) -> np.ndarray:
+    """Keep the cells holding the most attribution, hide the rest: (..., H, W) maps -> masks.
+    `spread` (one (H, W) map only): keep them apart first, see spread_ranks."""
     height, width = maps.shape[-2:]
     scores = cell_scores(maps, cell)
+    if spread:
+        scores = spread_ranks(scores)
     n_hidden = n_hidden_cells(scores.shape[-2] * scores.shape[-1], ratio)
     return expand(hide_lowest(scores, n_hidden), height, width, cell)
 
