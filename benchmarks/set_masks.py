@@ -5,9 +5,9 @@ Per seed: the pipeline's ingest and reference stages in a temporary workspace, a
 images' attribution maps (masks.attribution). Then per hidden ratio: the set mask of each
 template (`mean`, `class_contrast`, `mean_spread`), the one `masks.template: search` picks from
 them (scored on held-out train images only), and --random seeded random masks (draw 0 is the
-pipeline's `plain_random` mask). For each mask, `plain` (the `train` params: backbone, epochs, optimiser) is trained on the
-masked train split and scored on the masked test split. Every setting not given below comes from
---params (default params.yaml).
+pipeline's `plain_random` mask). For each mask, `plain` (the `train` params: backbone, epochs,
+optimiser) is trained on the masked train split and scored on the masked test split. Every
+setting not given below comes from --params (default params.yaml).
 
 Prints per ratio each mask's accuracy per seed and its gain over the mean of that seed's random
 draws (mean +- std over seeds); writes every row to --out (CSV).

@@ -158,8 +158,8 @@ def search_template(
     learn through it: a model with the reference's backbone and optimiser, trained
     `masks.search.epochs` epochs on the masked train images `rest`, scored on the `held-out` ones
     (see search_split). Test data is never used. Returns the held-out accuracy per template, in the
-    order given. (Too few epochs favour a compact
-    central mask that is quick to learn over a spread one that ends up better.)"""
+    order given. (Too few epochs favour a compact central mask that is quick to learn over a
+    spread one that ends up better.)"""
     cfg = params.masks
     holdout, rest = held_out
     mean = channel_mean(train)
