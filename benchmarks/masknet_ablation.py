@@ -1,9 +1,10 @@
 """MaskNet design ablation: which feature selection variant earns its place over `plain`.
 
 Every seed x scope x hidden ratio point (saliency masks; every other setting from --params,
-default params.yaml) runs in a workspace of its own: the pipeline's own stages ingest -> reference -> masks -> train ->
-baselines -> evaluate (raw, plain_random, plain and the default masknet), then every MaskNet
-variant below on the same release, backbone, epochs and seed, scored on the released test set.
+default params.yaml) runs in a workspace of its own: the pipeline's own stages ingest ->
+reference -> masks -> train -> baselines -> evaluate (raw, plain_random, plain and the default
+masknet), then every MaskNet variant below on the same release, backbone, epochs and seed,
+scored on the released test set.
 Points run in parallel worker processes (each on the best device: CUDA when present).
 
 Prints, per scope and ratio, mean +- std over seeds of each model's accuracy and of each

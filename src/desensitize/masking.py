@@ -127,11 +127,11 @@ def set_mask_candidates(
     `mean`: the mean map; `class_contrast`: the between-class spread (masks.class_contrast);
     `mean_spread`: the mean map's cells kept apart (masks.spread_ranks)."""
     names = [name for name in TEMPLATES if name != "search"] if cfg.template == "search" else [cfg.template]
+    mean = maps.mean(axis=0)
     candidates = {}
     for name in names:
-        template = class_contrast(maps, labels) if name == "class_contrast" else maps.mean(axis=0)
-        spread = name == "mean_spread"
-        candidates[name] = template, mask_from_maps(template, cfg.cell, cfg.hidden_ratio, spread=spread)
+        template = class_contrast(maps, labels) if name == "class_contrast" else mean
+        candidates[name] = template, mask_from_maps(template, cfg.cell, cfg.hidden_ratio, spread=name == "mean_spread")
     return candidates
 
 
