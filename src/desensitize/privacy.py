@@ -1,10 +1,15 @@
 """Privacy scores of reconstructions against the raw originals, over hidden pixels only, and the gate.
 
-All inputs are float32 (N, C, H, W) in [0, 1] plus masks uint8 (N, H, W), 1 = visible.
+All inputs are float32 (N, C, H, W) in [0, 1] plus masks uint8 (N, H, W), 1 = visible. Also the
+statistics that make the gate fail safe: confidence intervals of the scores (the gate compares their
+upper end with a threshold) and the extrapolation of an attacker's score to more training data.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -12,20 +17,39 @@ import torch
 import torch.nn.functional as F
 
 from desensitize.config import GateThresholds
+from desensitize.errors import DesensitizeError
 from desensitize.masks import cell_scores
 
 PSNR_CAP = 100.0  # dB, reported when the hidden pixels are restored exactly
 SSIM_WINDOW = 7
 
 
-def psnr_hidden(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> float:
-    """Mean over images of the PSNR computed over each image's hidden pixels only."""
+def _check_scored(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> None:
+    """Scores compare image i with image i under mask i: the three arrays must line up."""
+    if raw.ndim != 4 or len(raw) == 0:
+        raise DesensitizeError(f"raw images have shape {raw.shape}; expected a non-empty (N, C, H, W) array")
+    if reconstruction.shape != raw.shape:
+        raise DesensitizeError(f"reconstruction shape {reconstruction.shape} differs from raw shape {raw.shape}")
+    expected = (raw.shape[0], *raw.shape[2:])
+    if masks.shape != expected:
+        raise DesensitizeError(f"masks have shape {masks.shape}; expected {expected} (N, H, W) to match the images")
+
+
+def psnr_per_image(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """(N,) PSNR over each image's hidden pixels only, capped at PSNR_CAP (exact restoration); per image so
+    that a gain over a blind guess can be bootstrapped over images."""
+    _check_scored(reconstruction, raw, masks)
     hidden = (masks == 0)[:, None]
     err = ((reconstruction - raw) ** 2 * hidden).sum(axis=(1, 2, 3))
     count = hidden.sum(axis=(1, 2, 3)) * raw.shape[1]
     mse = err / np.maximum(count, 1)
     psnr = np.where(mse > 0, 10 * np.log10(1.0 / np.maximum(mse, 1e-30)), PSNR_CAP)
-    return float(np.minimum(psnr, PSNR_CAP).mean())
+    return np.minimum(psnr, PSNR_CAP)
+
+
+def psnr_hidden(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> float:
+    """Mean over images of the PSNR computed over each image's hidden pixels only."""
+    return float(psnr_per_image(reconstruction, raw, masks).mean())
 
 
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -50,18 +74,141 @@ def ssim_hidden(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) 
     return float(per_image.mean())
 
 
-def linkage_top1(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> float:
-    """Share of reconstructions whose own original is the nearest of the N raw images (the gallery),
-    comparing only the reconstruction's hidden pixels. Chance is 1/N."""
+def _check_groups(groups: np.ndarray | None, n: int) -> None:
+    if groups is not None and np.shape(groups) != (n,):
+        raise DesensitizeError(f"groups have shape {np.shape(groups)}; expected ({n},), one label per image")
+
+
+def linkage_hits(
+    reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray, groups: np.ndarray | None = None
+) -> np.ndarray:
+    """(N,) bool: reconstruction i's own original is strictly the nearest raw image of the gallery, comparing
+    only i's hidden pixels (a tie is not a confident link). The gallery is all N raw images, or with `groups`
+    only those of i's group: a release carries labels, so an attacker need only compare within the class."""
+    _check_scored(reconstruction, raw, masks)
     n = len(raw)
+    _check_groups(groups, n)
     h = torch.from_numpy((masks == 0)[:, None].repeat(raw.shape[1], axis=1).reshape(n, -1)).double()
     r = torch.from_numpy(reconstruction.reshape(n, -1)).double()
     g = torch.from_numpy(raw.reshape(n, -1)).double()
     # ||h_i * (r_i - g_j)||^2 for every pair, as matrix products.
     dist = (h * r * r).sum(1, keepdim=True) - 2 * (h * r) @ g.T + h @ (g * g).T
+    if groups is not None:
+        labels = np.asarray(groups)
+        dist[torch.from_numpy(labels[:, None] != labels[None, :])] = torch.inf
     own = dist.diagonal()
     ties_or_better = (dist <= own[:, None] + 1e-9).sum(1)  # an exact tie is not a confident link
-    return float((ties_or_better == 1).double().mean())
+    return (ties_or_better == 1).numpy()
+
+
+def linkage_top1(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> float:
+    """Share of reconstructions whose own original is the nearest of the N raw images (the gallery),
+    comparing only the reconstruction's hidden pixels. Chance is 1/N."""
+    return float(linkage_hits(reconstruction, raw, masks).mean())
+
+
+def linkage_chance(n: int, groups: np.ndarray | None = None) -> float:
+    """Expected linkage hit rate of a blind guess, the baseline linkage is judged against: 1/N over the whole
+    gallery; with `groups`, the mean over images of 1 / (size of the image's group), i.e. (number of groups) / N."""
+    if n < 1:
+        raise DesensitizeError(f"linkage chance of a gallery of {n} images: need at least one image")
+    _check_groups(groups, n)
+    return (1 if groups is None else len(np.unique(groups))) / n
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0 < confidence < 1:
+        raise DesensitizeError(f"confidence = {confidence:g}: must lie strictly between 0 and 1")
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Wilson score interval of a binomial proportion (e.g. linkage hits of n images), in [0, 1].
+    The gate compares its upper end with a threshold, so a sample too small to show privacy fails safe."""
+    _check_confidence(confidence)
+    if n < 1 or not 0 <= successes <= n:
+        raise DesensitizeError(f"{successes} successes of {n} trials: need n >= 1 and 0 <= successes <= n")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p, zz = successes / n, z * z / n
+    centre = (p + zz / 2) / (1 + zz)
+    half = z / (1 + zz) * math.sqrt(p * (1 - p) / n + zz / (4 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_interval(
+    values: np.ndarray, confidence: float = 0.95, *, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-image `values` (images resampled with replacement),
+    so a score from few images carries its uncertainty to the gate. For a paired difference, such as PSNR
+    gain = attacker's per-image PSNR - blind guess's per-image PSNR on the same images, pass the per-image
+    differences: bootstrap_interval(attacker - blind) resamples image pairs together."""
+    _check_confidence(confidence)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or len(values) == 0 or resamples < 1:
+        raise DesensitizeError(
+            f"bootstrap of values with shape {values.shape} and {resamples} resamples: need a non-empty (N,) "
+            "array and at least one resample"
+        )
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2**22 // len(values))  # rows per draw: bounds the index matrix to ~32 MiB
+    means = np.concatenate(
+        [
+            values[rng.integers(0, len(values), (min(chunk, resamples - start), len(values)))].mean(axis=1)
+            for start in range(0, resamples, chunk)
+        ]
+    )
+    alpha = 1 - confidence
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def class_mean_images(images: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, C, H, W) float32 mean image of each class: the label-aware blind guess (a release carries
+    labels, so anyone can guess the mean public image of the image's class). An absent class gets the overall
+    mean image."""
+    labels = np.asarray(labels)
+    if images.ndim != 4 or len(images) == 0 or labels.shape != (len(images),):
+        raise DesensitizeError(
+            f"images {images.shape} and labels {labels.shape}: need a non-empty (N, C, H, W) array and N labels"
+        )
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise DesensitizeError(f"labels range {labels.min()}..{labels.max()}: must lie in 0..{n_classes - 1}")
+    sums = np.zeros((n_classes, *images.shape[1:]), dtype=np.float64)
+    np.add.at(sums, labels, images)
+    counts = np.bincount(labels, minlength=n_classes).reshape(-1, 1, 1, 1)
+    overall = images.mean(axis=0, dtype=np.float64)
+    return np.where(counts > 0, sums / np.maximum(counts, 1), overall[None]).astype(np.float32)
+
+
+def _log_fit(counts: Sequence[float], scores: Sequence[float]) -> tuple[float, float, float]:
+    """Least-squares score = a + b * log(count): (a, b, r2)."""
+    x, y = np.asarray(counts, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or len(np.unique(x)) < 2 or x.min() <= 0:
+        raise DesensitizeError(
+            f"counts {x.tolist()} and scores {y.tolist()}: a data-scaling fit needs one score per count and at "
+            "least 2 distinct positive counts"
+        )
+    x = np.log(x)
+    b, a = np.polyfit(x, y, 1)
+    ss_res, ss_tot = ((y - a - b * x) ** 2).sum(), ((y - y.mean()) ** 2).sum()
+    return float(a), float(b), float(1 - ss_res / ss_tot) if ss_tot > 0 else 1.0
+
+
+def saturation(counts: Sequence[float], scores: Sequence[float]) -> dict[str, float]:
+    """How an attacker score grows with its number of training images, from the fit score = a + b * log(count):
+    the gain per doubling of the attacker's data, the intercept a and the fit's r2."""
+    a, b, r2 = _log_fit(counts, scores)
+    return {"slope_per_doubling": b * math.log(2), "intercept": a, "r2": r2}
+
+
+def extrapolate(counts: Sequence[float], scores: Sequence[float], target: int) -> float:
+    """The attacker score expected with `target` training images: max(max(scores), a + b * log(target)).
+    Assumes the score grows log-linearly in the attacker's data; that is conservative for the data owner,
+    since real curves saturate, and the result never falls below what was measured (a flat or decreasing
+    curve is taken as saturated at its measured maximum)."""
+    if target <= 0:
+        raise DesensitizeError(f"target = {target}: must be a positive number of attacker training images")
+    a, b, _ = _log_fit(counts, scores)
+    return max(float(max(scores)), a + b * math.log(target))
 
 
 def hidden_information(raw: np.ndarray, masks: np.ndarray, mean_image: np.ndarray) -> float:
