@@ -1,7 +1,7 @@
 # The two commands of the quickstart:
 #   make run    create/refresh .venv, then run the whole pipeline (`dvc repro` inside one MLflow parent
 #               run: `desensitize repro`) on the default dataset
-#   make test   create/refresh .venv, then run the test suite
+#   make test   create/refresh .venv, then check format and lint (ruff) and run the test suite
 # The venv is (re)installed whenever pyproject.toml or requirements.lock changes.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -26,4 +26,6 @@ run: $(STAMP)
 	$(BIN)/desensitize summary
 
 test: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest

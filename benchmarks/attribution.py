@@ -83,8 +83,12 @@ def main() -> None:
     for method in args.methods:
         cfg = AttributionParams(method=method, ig_steps=args.ig_steps)
         attribution_maps(model, images[:8], targets[:8], cfg, device=device, seed=0)  # warm-up
-        batched = timed(lambda cfg=cfg: attribution_maps(model, images, targets, cfg, device=device, seed=0,
-                                                         batch_size=args.batch_size), device)  # fmt: skip
+        batched = timed(
+            lambda cfg=cfg: attribution_maps(
+                model, images, targets, cfg, device=device, seed=0, batch_size=args.batch_size
+            ),
+            device,
+        )
         loop = timed(lambda cfg=cfg: naive(model, images, targets, cfg, device), device)
         row = {
             "method": method,
@@ -93,8 +97,9 @@ def main() -> None:
             "speedup": loop / batched,
         }
         if method == "integrated_gradients":
-            floor = timed(lambda: forward_backward_floor(model, images, targets, args.ig_steps, args.batch_size,
-                                                         device), device)  # fmt: skip
+            floor = timed(
+                lambda: forward_backward_floor(model, images, targets, args.ig_steps, args.batch_size, device), device
+            )
             row["time_over_floor"] = batched / floor
         rows.append(row)
 
@@ -103,8 +108,10 @@ def main() -> None:
     print(f"{'method':<22}{'batched img/s':>15}{'naive img/s':>13}{'speedup':>9}{'IG time/floor':>15}")
     for row in rows:
         floor = f"{row['time_over_floor']:.2f}" if "time_over_floor" in row else "-"
-        print(f"{row['method']:<22}{row['batched_images_per_s']:>15.1f}{row['naive_images_per_s']:>13.1f}"
-              f"{row['speedup']:>8.1f}x{floor:>15}")  # fmt: skip
+        print(
+            f"{row['method']:<22}{row['batched_images_per_s']:>15.1f}{row['naive_images_per_s']:>13.1f}"
+            f"{row['speedup']:>8.1f}x{floor:>15}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "images": len(images), "rows": rows}, f, indent=2)

@@ -51,12 +51,11 @@ def run_point(settings: dict[str, Any], variants: list[str], root: str, device: 
     import torch
 
     from desensitize.config import parse_params
-    from desensitize.masknet import MaskNet
+    from desensitize.masknet import MaskNet, with_mask_channel
     from desensitize.models import build_backbone
     from desensitize.paths import Paths
-    from desensitize.recognition import with_mask_channel
     from desensitize.release import load_released
-    from desensitize.stages import run_stage
+    from desensitize.runner import run_stage
     from desensitize.training import best_device, predict, seed_everything, train_classifier
 
     torch.set_num_threads(threads)
@@ -65,9 +64,14 @@ def run_point(settings: dict[str, Any], variants: list[str], root: str, device: 
     paths = Paths(Path(root) / f"seed{params.seed}-{m.scope}-{m.hidden_ratio:g}-{m.attribution.method}")
     start = time.perf_counter()
     metrics = {name: run_stage(name, params, paths, device) for name in STAGES_RUN}
-    row: dict[str, Any] = {"seed": params.seed, "scope": m.scope, "hidden_ratio": m.hidden_ratio,
-                           "method": m.attribution.method, "template": metrics["masks"]["template"],
-                           **metrics["evaluate"]["accuracy"]}  # fmt: skip
+    row: dict[str, Any] = {
+        "seed": params.seed,
+        "scope": m.scope,
+        "hidden_ratio": m.hidden_ratio,
+        "method": m.attribution.method,
+        "template": metrics["masks"]["template"],
+        **metrics["evaluate"]["accuracy"],
+    }
     train, test = load_released(paths.release, "train"), load_released(paths.release, "test")
     x_train, x_test = with_mask_channel(train.images, train.masks), with_mask_channel(test.images, test.masks)
     torch_device, cfg = best_device(device), params.train
@@ -75,11 +79,24 @@ def run_point(settings: dict[str, Any], variants: list[str], root: str, device: 
         options = VARIANTS[name]
         seed_everything(params.seed)
         model = MaskNet(build_backbone(cfg.backbone, x_train.shape[1], int(train.labels.max()) + 1), **options)
-        train_classifier(model, x_train, train.labels, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                         weight_decay=cfg.weight_decay, seed=params.seed, device=torch_device, name=name)  # fmt: skip
+        train_classifier(
+            model,
+            x_train,
+            train.labels,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            seed=params.seed,
+            device=torch_device,
+            name=name,
+        )
         row[f"v:{name}"] = float((predict(model, x_test, torch_device) == test.labels).mean())
     row["wall_seconds"] = round(time.perf_counter() - start, 1)
-    print(f"point seed={params.seed} {m.scope}/{m.hidden_ratio:g}/{m.attribution.method} done in {row['wall_seconds']} s", flush=True)
+    print(
+        f"point seed={params.seed} {m.scope}/{m.hidden_ratio:g}/{m.attribution.method} done in {row['wall_seconds']} s",
+        flush=True,
+    )
     return row
 
 
@@ -96,8 +113,10 @@ def summarise(rows: list[dict[str, Any]]) -> str:
         for name in (key.removeprefix("v:") for key in members[0] if key.startswith("v:")):
             gain = np.array([r[f"v:{name}"] - r["plain"] for r in members])
             spread = gain.std(ddof=1) if len(gain) > 1 else 0.0
-            lines.append(f"  {name:<22} {np.mean([r[f'v:{name}'] for r in members]):.4f}   "
-                         f"minus plain {gain.mean():+.4f} +- {spread:.4f}")  # fmt: skip
+            lines.append(
+                f"  {name:<22} {np.mean([r[f'v:{name}'] for r in members]):.4f}   "
+                f"minus plain {gain.mean():+.4f} +- {spread:.4f}"
+            )
     return "\n".join(lines)
 
 
@@ -129,13 +148,16 @@ def main() -> None:
     base = yaml.safe_load(args.params.read_text()) or {}
     points = []
     for seed, scope, ratio, method in itertools.product(
-        (int(s) for s in args.seeds.split(",")), args.scopes.split(","),
-        (float(r) for r in args.ratios.split(",")), args.methods.split(","),
-    ):  # fmt: skip
+        (int(s) for s in args.seeds.split(",")),
+        args.scopes.split(","),
+        (float(r) for r in args.ratios.split(",")),
+        args.methods.split(","),
+    ):
         point = copy.deepcopy(base)
         point["seed"] = seed
-        point.setdefault("data", {}).update(source=args.source, path=args.path,
-                                            split={"train": train, "test": test, "public": public})  # fmt: skip
+        point.setdefault("data", {}).update(
+            source=args.source, path=args.path, split={"train": train, "test": test, "public": public}
+        )
         point.setdefault("train", {})["epochs"] = args.epochs
         point.setdefault("masks", {}).update(scope=scope, hidden_ratio=ratio)
         point["masks"].setdefault("attribution", {})["method"] = method

@@ -32,14 +32,15 @@ import torch
 import yaml
 
 from desensitize.attribution import attribution_maps
+from desensitize.checkpoints import load_checkpoint
 from desensitize.config import parse_params
-from desensitize.ingest import ingest, load_split
-from desensitize.masking import channel_mean, mask_images, search_split, search_template, set_mask_candidates
 from desensitize.masks import random_masks
-from desensitize.models import load_checkpoint
 from desensitize.paths import Paths
-from desensitize.reference import train_reference
-from desensitize.release import FILL_STREAMS
+from desensitize.release import FILL_STREAMS, channel_mean, mask_images
+from desensitize.splits import load_split
+from desensitize.stages.ingest import ingest
+from desensitize.stages.reference import train_reference
+from desensitize.templates import search_split, search_template, set_mask_candidates
 from desensitize.training import best_device, fit_and_score, to_float
 
 
@@ -48,8 +49,17 @@ def _plain_accuracy(params, train, test, mask: np.ndarray, device: torch.device)
     fill, mean = params.masks.fill, channel_mean(train)
     x_train = mask_images(train, mask, fill, mean, params.seed, FILL_STREAMS["train"])
     x_test = mask_images(test, mask, fill, mean, params.seed, FILL_STREAMS["test"])
-    return fit_and_score(params.train, x_train, train.labels, x_test, test.labels, num_classes=len(train.class_names),
-                         seed=params.seed, device=device, name="plain")  # fmt: skip
+    return fit_and_score(
+        params.train,
+        x_train,
+        train.labels,
+        x_test,
+        test.labels,
+        num_classes=len(train.class_names),
+        seed=params.seed,
+        device=device,
+        name="plain",
+    )
 
 
 def run_seed(params, ratios: list[float], n_random: int, root: Path, device: torch.device) -> list[dict[str, Any]]:
@@ -58,8 +68,14 @@ def run_seed(params, ratios: list[float], n_random: int, root: Path, device: tor
     train_reference(params, paths, device=str(device))
     train, test = load_split(paths.raw, "train"), load_split(paths.raw, "test")
     model, _ = load_checkpoint(paths.reference_model, device)
-    maps = attribution_maps(model, to_float(train.images), torch.as_tensor(train.labels), params.masks.attribution,
-                            device=device, seed=params.seed).numpy()  # fmt: skip
+    maps = attribution_maps(
+        model,
+        to_float(train.images),
+        torch.as_tensor(train.labels),
+        params.masks.attribution,
+        device=device,
+        seed=params.seed,
+    ).numpy()
     _, _, height, width = train.images.shape
     rows = []
     for ratio in ratios:
@@ -77,8 +93,15 @@ def run_seed(params, ratios: list[float], n_random: int, root: Path, device: tor
             if mask.tobytes() not in trained:
                 trained[mask.tobytes()] = _plain_accuracy(point, train, test, mask, device)
             accuracy = trained[mask.tobytes()]
-            rows.append({"seed": params.seed, "hidden_ratio": ratio, "mask": name, "plain": accuracy,
-                         "visible_cells": "".join(map(str, mask[::cell, ::cell].ravel()))})  # fmt: skip
+            rows.append(
+                {
+                    "seed": params.seed,
+                    "hidden_ratio": ratio,
+                    "mask": name,
+                    "plain": accuracy,
+                    "visible_cells": "".join(map(str, mask[::cell, ::cell].ravel())),
+                }
+            )
             print(f"seed {params.seed} hidden {ratio:g} {name:<15} plain {accuracy:.4f}", flush=True)
     return rows
 
@@ -97,8 +120,10 @@ def summarise(rows: list[dict[str, Any]]) -> str:
             values = np.array([p[name] for p in points])
             gain = values - random_mean
             spread = gain.std(ddof=1) if len(gain) > 1 else 0.0
-            lines.append(f"  {name:<15} {' '.join(f'{v:.4f}' for v in values)} | {values.mean():.4f} | "
-                         f"{gain.mean():+.4f} +- {spread:.4f}")  # fmt: skip
+            lines.append(
+                f"  {name:<15} {' '.join(f'{v:.4f}' for v in values)} | {values.mean():.4f} | "
+                f"{gain.mean():+.4f} +- {spread:.4f}"
+            )
         lines.append(f"  {'random (mean)':<15} {' '.join(f'{v:.4f}' for v in random_mean)} | {random_mean.mean():.4f}")
     return "\n".join(lines)
 

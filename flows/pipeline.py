@@ -14,7 +14,7 @@ stage runs only when DVC says it is stale. Afterwards the stages that ran are co
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,8 +29,9 @@ from desensitize import versioning
 from desensitize.config import Params, write_overrides
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
+from desensitize.pipeline import STAGES
+from desensitize.runner import run_stage
 from desensitize.runreport import run_report
-from desensitize.stages import STAGES, run_stage
 from desensitize.tracking import pipeline_run, run_link
 
 FLOW_NAME = "desensitization-pipeline"
@@ -50,7 +51,7 @@ def _run_name() -> str:
     parameters = flow_run.parameters
     project = Path(parameters.get("params_file", "params.yaml")).resolve().parent.name
     overrides = parameters.get("overrides") or {}
-    name = f"{project} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z"
+    name = f"{project} {datetime.now(UTC):%Y-%m-%d %H:%M}Z"
     return " ".join([name, *(f"{key}={value}" for key, value in sorted(overrides.items()))])
 
 
@@ -58,16 +59,24 @@ def _stage(name: str, params: Params, root: Path, device: str) -> dict[str, Any]
     return run_stage(name, params, Paths(root), device)
 
 
-def stage_task(name: str):  # noqa: ANN201 - a prefect Task
+def stage_task(name: str):
     """One task per stage in STAGES, so a stage added there is run here too. No Prefect caching:
     DVC decides what is up to date. Training stages get no retries (CPU-bound, deterministic)."""
-    retries = {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS,
-               "retry_condition_fn": _unless_user_error} if name in IO_BOUND_STAGES else {}  # fmt: skip
+    retries = (
+        {"retries": IO_RETRIES, "retry_delay_seconds": IO_RETRY_DELAYS, "retry_condition_fn": _unless_user_error}
+        if name in IO_BOUND_STAGES
+        else {}
+    )
     return task(_stage, name=name, task_run_name=name, cache_policy=NO_CACHE, **retries)
 
 
-@task(name="dvc-status", task_run_name="dvc-status-{stage}", cache_policy=NO_CACHE,
-      retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAYS)  # fmt: skip
+@task(
+    name="dvc-status",
+    task_run_name="dvc-status-{stage}",
+    cache_policy=NO_CACHE,
+    retries=IO_RETRIES,
+    retry_delay_seconds=IO_RETRY_DELAYS,
+)
 def is_stale(root: Path, stage: str) -> bool:
     """Asked just before the stage would run, so the outputs of upstream stages that ran in this
     flow are seen, exactly as `dvc repro` decides."""
@@ -156,9 +165,11 @@ def _parse_set(values: list[str]) -> dict[str, Any]:
 @cli.command()
 def main(
     params: Annotated[str, typer.Option("--params", "-p", help="The project's params.yaml.")] = "params.yaml",
-    set_: Annotated[list[str], typer.Option("--set", "-S", help="An override KEY=VALUE (repeatable).")] = [],  # noqa: B006
+    set_: Annotated[list[str], typer.Option("--set", "-S", help="An override KEY=VALUE (repeatable).")] = [],  # noqa: B006 - typer reads a list default
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    serve: Annotated[bool, typer.Option(help=f"Serve the flow on a schedule ({NIGHTLY_CRON} UTC) until stopped.")] = False,
+    serve: Annotated[
+        bool, typer.Option(help=f"Serve the flow on a schedule ({NIGHTLY_CRON} UTC) until stopped.")
+    ] = False,
 ) -> None:
     """Run the pipeline once as a Prefect flow, or serve it nightly (a long-running local scheduler)."""
     parameters = {"params_file": params, "overrides": _parse_set(set_), "device": device}

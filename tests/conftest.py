@@ -51,9 +51,9 @@ def make_params(**data: object):
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory: pytest.TempPathFactory):
     """digits ingested and a reference model trained for 2 epochs: (params, paths), read-only for tests."""
-    from desensitize.ingest import ingest
     from desensitize.paths import Paths
-    from desensitize.reference import train_reference
+    from desensitize.stages.ingest import ingest
+    from desensitize.stages.reference import train_reference
 
     params = tiny_params()
     paths = Paths(tmp_path_factory.mktemp("tiny"))
@@ -184,7 +184,9 @@ def run_flow(project: Path, **parameters):
     """Run the Prefect flow on `project` (CPU); returns its final state."""
     from flows.pipeline import desensitization_pipeline
 
-    return desensitization_pipeline(params_file=str(project / "params.yaml"), device="cpu", return_state=True, **parameters)
+    return desensitization_pipeline(
+        params_file=str(project / "params.yaml"), device="cpu", return_state=True, **parameters
+    )
 
 
 @pytest.fixture(scope="session")

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
 from typer.testing import CliRunner
 
 from conftest import copy_project, tiny_params
+from desensitize import inpainting, privacy
+from desensitize.attack_suite import attack_suite
 from desensitize.cli import app
-from desensitize import attacks, privacy
-from desensitize.attacking import attack_suite, run_attack
 from desensitize.config import GateThresholds, parse_params
 from desensitize.errors import DesensitizeError
-from desensitize.masking import generate_masks
 from desensitize.masks import apply_mask
 from desensitize.paths import Paths
+from desensitize.stages.attack import run_attack
+from desensitize.stages.masks import generate_masks
 
 CPU = torch.device("cpu")
 SIZE, N = 16, 64
@@ -57,8 +57,18 @@ def _suite(make) -> dict:
     masks = np.broadcast_to(_center_mask(), (N, SIZE, SIZE)).copy()
     released = apply_mask(raw, masks, np.zeros((1, 1, 1, 1), dtype=np.uint8))
     params = parse_params({"attack": {"learned": {"epochs": 3, "width": 8, "batch_size": 32}}})
-    return attack_suite(released, masks, raw, np.zeros(N, dtype=np.int64), public,
-                        {"fill": "zero", "fill_value": [0]}, params, _constant_classifier(), CPU)  # fmt: skip
+    return attack_suite(
+        released,
+        masks,
+        raw,
+        np.zeros(N, dtype=np.int64),
+        public,
+        "zero",
+        [0],
+        params,
+        _constant_classifier(),
+        CPU,
+    )
 
 
 def test_gate_fails_where_the_hidden_region_continues_the_visible_part():
@@ -105,8 +115,8 @@ def test_classical_attackers_keep_visible_pixels_and_restore_a_flat_image():
     released = np.full((3, 3, SIZE, SIZE), 120, dtype=np.uint8)
     masks = np.broadcast_to(_center_mask(), (3, SIZE, SIZE)).copy()
     released[:, :, 4:12, 4:12] = 0
-    for name in attacks.CLASSICAL:
-        out = attacks.classical(name, released, masks, radius=3)
+    for name in inpainting.CLASSICAL:
+        out = inpainting.classical(name, released, masks, radius=3)
         assert out.shape == released.shape and out.dtype == np.float32
         np.testing.assert_allclose(out, 120 / 255, atol=2 / 255)
 

@@ -39,8 +39,15 @@ def test_integrated_gradients_of_a_linear_model_is_input_times_weight():
     model, weights = _linear()
     images = torch.rand(4, 1, 6, 6)
     targets = torch.tensor([0, 1, 2, 0])
-    maps = attribution_maps(model, images, targets, AttributionParams(method="integrated_gradients", ig_steps=8),
-                            device=CPU, seed=0, batch_size=2)  # fmt: skip
+    maps = attribution_maps(
+        model,
+        images,
+        targets,
+        AttributionParams(method="integrated_gradients", ig_steps=8),
+        device=CPU,
+        seed=0,
+        batch_size=2,
+    )
     expected = (images[:, 0] * weights[targets, 0]).abs()
     torch.testing.assert_close(maps, expected / expected.sum(dim=(1, 2), keepdim=True))
 
@@ -52,8 +59,14 @@ def test_set_template_and_mask_of_a_linear_model_by_hand():
     weight[:, :2] = 10.0
     with torch.no_grad():
         model[1].weight.copy_(weight.reshape(1, -1))
-    maps = attribution_maps(model, torch.rand(5, 1, 4, 4), torch.zeros(5, dtype=torch.long),
-                            AttributionParams(method="saliency"), device=CPU, seed=0)  # fmt: skip
+    maps = attribution_maps(
+        model,
+        torch.rand(5, 1, 4, 4),
+        torch.zeros(5, dtype=torch.long),
+        AttributionParams(method="saliency"),
+        device=CPU,
+        seed=0,
+    )
     template = maps.mean(0).numpy()
     np.testing.assert_allclose(template, weight.numpy() / weight.sum().item(), rtol=1e-6)
     mask = mask_from_maps(template, 2, 0.5)
@@ -105,8 +118,14 @@ def test_grad_cam_points_at_the_discriminative_region():
 def test_unknown_grad_cam_layer_is_named():
     model = build_backbone("small_cnn", 1, 2)
     with pytest.raises(DesensitizeError, match="gradcam_layer = 'stages.9'.*stages.1"):
-        attribution_maps(model, torch.rand(2, 1, 8, 8), torch.zeros(2, dtype=torch.long),
-                         AttributionParams(method="grad_cam", gradcam_layer="stages.9"), device=CPU, seed=0)  # fmt: skip
+        attribution_maps(
+            model,
+            torch.rand(2, 1, 8, 8),
+            torch.zeros(2, dtype=torch.long),
+            AttributionParams(method="grad_cam", gradcam_layer="stages.9"),
+            device=CPU,
+            seed=0,
+        )
 
 
 @pytest.mark.gpu

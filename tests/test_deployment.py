@@ -75,14 +75,29 @@ def test_deployment_runs_on_a_process_worker_to_completed(flow_project, tmp_path
     }
 
     def prefect(*args: str) -> str:
-        result = subprocess.run([str(BIN / "prefect"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=180)
+        result = subprocess.run(
+            [str(BIN / "prefect"), *args], cwd=project, env=env, capture_output=True, text=True, timeout=180
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
     started: list[subprocess.Popen] = []
     try:
-        server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                         "--analytics-off", "--no-ui"], tmp_path / "server.log", env=env)  # fmt: skip
+        server = _start(
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--analytics-off",
+                "--no-ui",
+            ],
+            tmp_path / "server.log",
+            env=env,
+        )
         started.append(server)
         deadline = time.monotonic() + 180
         while True:
@@ -97,10 +112,16 @@ def test_deployment_runs_on_a_process_worker_to_completed(flow_project, tmp_path
         pool = yaml.safe_load((project / "prefect.yaml").read_text())["deployments"][0]["work_pool"]["name"]
         prefect("work-pool", "create", pool, "--type", "process")
         prefect("deploy", "--all", "--no-prompt")
-        out = prefect("deployment", "run", "desensitization-pipeline/nightly", "--param", 'overrides={"attack.sample": 100}')
+        out = prefect(
+            "deployment", "run", "desensitization-pipeline/nightly", "--param", 'overrides={"attack.sample": 100}'
+        )
         flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
 
-        started.append(_start([str(BIN / "prefect"), "worker", "start", "--pool", pool], tmp_path / "worker.log", cwd=project, env=env))
+        started.append(
+            _start(
+                [str(BIN / "prefect"), "worker", "start", "--pool", pool], tmp_path / "worker.log", cwd=project, env=env
+            )
+        )
         deadline = time.monotonic() + 420
         while (state := _get(f"{api}/flow_runs/{flow_run_id}")["state"])["type"] not in TERMINAL:
             assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
@@ -109,11 +130,19 @@ def test_deployment_runs_on_a_process_worker_to_completed(flow_project, tmp_path
         assert state["type"] == "COMPLETED", f"{state['message']}\n{(tmp_path / 'worker.log').read_text()[-5000:]}"
 
         # The run did the pipeline's work in the checkout, with the override written where DVC reads it.
-        result = subprocess.run([str(BIN / "prefect"), "flow-run", "inspect", flow_run_id], env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [str(BIN / "prefect"), "flow-run", "inspect", flow_run_id],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "attack.sample=100" in result.stdout  # the readable flow run name
         assert yaml.safe_load((project / "params.yaml").read_text())["attack"]["sample"] == 100
         assert json.loads((project / "metrics" / "attack.json").read_text())["sample"] == 100
-        status = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True, text=True, timeout=120)
+        status = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True, text=True, timeout=120
+        )
         assert json.loads(status.stdout) == {}, status.stdout + status.stderr
         deployment = _get(f"{api}/deployments/name/desensitization-pipeline/nightly")
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]

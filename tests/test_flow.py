@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True, timeout=300
+    )
 
 
 def _files(directory: Path) -> dict[str, str]:
@@ -46,7 +48,7 @@ def _report(state) -> str:
 
 
 def test_flow_runs_every_stage_once_then_nothing(flow_project):
-    from desensitize.stages import STAGES
+    from desensitize.pipeline import STAGES
 
     project, remote, first, second, stamps = flow_project
     assert first.is_completed(), first.message
@@ -91,7 +93,7 @@ def _mlflow_runs(filter_string: str) -> list:
 
 
 def test_flow_run_is_one_mlflow_parent_run_with_a_child_per_stage_run(flow_project):
-    from desensitize.stages import STAGES
+    from desensitize.pipeline import STAGES
     from desensitize.tracking import STAGE_TAG
 
     first, second = flow_project[2], flow_project[3]
@@ -105,11 +107,11 @@ def test_flow_run_is_one_mlflow_parent_run_with_a_child_per_stage_run(flow_proje
 
 
 def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import desensitize.ingest
+    import desensitize.stages.ingest
 
     project = copy_flow_project(flow_project, tmp_path / "project")
     shutil.rmtree(project / "data" / "raw")  # ingest is stale; it rewrites the same bytes
-    real, calls = desensitize.ingest.ingest, []
+    real, calls = desensitize.stages.ingest.ingest, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -117,7 +119,7 @@ def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monke
             raise OSError("source share unavailable")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(desensitize.ingest, "ingest", flaky)
+    monkeypatch.setattr(desensitize.stages.ingest, "ingest", flaky)
     state = run_flow(project)
     assert state.is_completed(), state.message
     assert len(calls) == 2
@@ -126,7 +128,7 @@ def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monke
 
 
 def test_bad_input_in_ingest_is_not_retried(flow_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import desensitize.ingest
+    import desensitize.stages.ingest
     from desensitize.errors import DesensitizeError
 
     project = copy_flow_project(flow_project, tmp_path / "project")
@@ -137,7 +139,7 @@ def test_bad_input_in_ingest_is_not_retried(flow_project, tmp_path: Path, monkey
         calls.append(1)
         raise DesensitizeError("/data/images/cat: a folder with a single class")
 
-    monkeypatch.setattr(desensitize.ingest, "ingest", bad)
+    monkeypatch.setattr(desensitize.stages.ingest, "ingest", bad)
     state = run_flow(project)
     assert state.is_failed() and "a folder with a single class" in state.message
     assert len(calls) == 1  # bad input never succeeds on retry
@@ -182,7 +184,11 @@ def test_bad_input_fails_before_any_work(flow_project, tmp_path: Path, change, o
 def test_fresh_clone_and_dvc_pull_restore_the_release(flow_project, tmp_path: Path):
     project = copy_flow_project(flow_project, tmp_path / "project")
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    for command in (["git", "add", "-A"], [*git, "commit", "-qm", "run"], ["git", "clone", "-q", str(project), str(tmp_path / "clone")]):
+    for command in (
+        ["git", "add", "-A"],
+        [*git, "commit", "-qm", "run"],
+        ["git", "clone", "-q", str(project), str(tmp_path / "clone")],
+    ):
         subprocess.run(command, cwd=project, check=True, capture_output=True, timeout=60)
     clone = tmp_path / "clone"
     assert not (clone / "data").exists()

@@ -8,9 +8,10 @@ import pytest
 
 from conftest import make_params
 from desensitize.errors import DesensitizeError
-from desensitize.ingest import _allocate, drop_duplicates, image_digests, ingest, load_split, split_indices
 from desensitize.paths import SPLITS, Paths
-from desensitize.sources import Source
+from desensitize.sources import Source, drop_duplicates, image_digests
+from desensitize.splits import _allocate, load_split, split_indices
+from desensitize.stages.ingest import ingest
 
 
 def _shard_hashes(raw: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from conftest import make_dvc_project
 from desensitize.cli import app
-from desensitize.stages import STAGES
+from desensitize.pipeline import STAGES
 
 pytestmark = pytest.mark.slow
 MODEL = "masknet-digits"
@@ -32,8 +32,14 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     # The default store (project/mlruns/mlflow.db), as `make run` uses it.
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    result = subprocess.run([sys.executable, "-m", "desensitize", "repro"], cwd=project, env=env, capture_output=True,
-                            text=True, timeout=900)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "desensitize", "repro"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "MLflow pipeline run" in result.stdout
     return project, env
@@ -63,7 +69,10 @@ def test_lineage_of_the_champion_matches_dvc_lock(project, monkeypatch):
     assert chain["model"]["tags"]["release_digest"] == release
     assert chain["mask_run"]["reference_model_digest"] == _lock_md5(root, "reference", "models/reference.npz")
     assert (chain["mask_run"]["strategy"], chain["mask_run"]["method"], chain["mask_run"]["hidden_ratio"]) == (
-        "saliency", "saliency", "0.75")  # fmt: skip
+        "saliency",
+        "saliency",
+        "0.75",
+    )
     released_with = json.loads((root / "data" / "release" / "release.json").read_text())["template"]
     assert chain["mask_run"]["template"] == chain["model"]["tags"]["mask_template"] == released_with
     assert chain["raw"]["digest"] == _lock_md5(root, "ingest", "data/raw")
@@ -81,9 +90,13 @@ def test_lineage_of_the_champion_matches_dvc_lock(project, monkeypatch):
 
 @pytest.mark.parametrize(
     ("ref", "message"),
-    [("nosuch@champion", "no registered model 'nosuch'"), (f"{MODEL}@nosuch", "has no alias 'nosuch'"),
-     (f"{MODEL}/9", "has no version 9"), ("bad name!", "expected NAME, NAME@ALIAS or NAME/VERSION")],
-)  # fmt: skip
+    [
+        ("nosuch@champion", "no registered model 'nosuch'"),
+        (f"{MODEL}@nosuch", "has no alias 'nosuch'"),
+        (f"{MODEL}/9", "has no version 9"),
+        ("bad name!", "expected NAME, NAME@ALIAS or NAME/VERSION"),
+    ],
+)
 def test_lineage_of_an_unknown_model_is_one_error_line(project, monkeypatch, ref, message):
     result = _lineage(project[0], monkeypatch, ref)
     assert result.exit_code == 2
@@ -124,13 +137,26 @@ def test_mlflow_server_serves_the_runs_and_the_registered_model(project, tmp_pat
     root, env = project
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally
+    log = open(tmp_path / "server.log", "w")  # closed in finally
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
-         f"sqlite:///{root / 'mlruns' / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tmp_path, env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=log, stderr=subprocess.STDOUT,
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlruns' / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,  # setsid: the server and its workers form one process group
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -145,8 +171,9 @@ def test_mlflow_server_serves_the_runs_and_the_registered_model(project, tmp_pat
             time.sleep(0.5)
 
         experiment = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name", experiment_name="desensitize")["experiment"]
-        runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]],
-                                                            "max_results": 100})["runs"]  # fmt: skip
+        runs = _post(
+            f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100}
+        )["runs"]
 
         def tags(run: dict) -> dict:
             return {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}

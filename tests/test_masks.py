@@ -96,8 +96,9 @@ def test_partial_edge_cells_and_ties():
     np.testing.assert_array_equal(cell_scores(np.ones((5, 5)), 2), [[4, 4, 2], [4, 4, 2], [2, 2, 1]])
     # All scores tied: the lowest indices are hidden first, deterministically.
     np.testing.assert_array_equal(hide_lowest(np.zeros((2, 2)), 2), [[0, 0], [1, 1]])
-    np.testing.assert_array_equal(expand(np.array([[1, 0], [0, 1]], dtype=np.uint8), 3, 3, 2),
-                                  [[1, 1, 0], [1, 1, 0], [0, 0, 1]])  # fmt: skip
+    np.testing.assert_array_equal(
+        expand(np.array([[1, 0], [0, 1]], dtype=np.uint8), 3, 3, 2), [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    )
 
 
 def test_random_masks_are_seeded_and_vary_per_image():

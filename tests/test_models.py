@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from desensitize.checkpoints import load_checkpoint, save_checkpoint
 from desensitize.errors import DesensitizeError
-from desensitize.models import build_backbone, load_checkpoint, save_checkpoint
+from desensitize.models import build_backbone
 from desensitize.training import best_device
 
 
@@ -64,8 +65,9 @@ def test_reference_training_runs_on_cuda():
     images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8).numpy()
     labels = (images.reshape(64, -1).mean(1) > 127.5).astype("int64")
     model = build_backbone("small_cnn", 1, 2)
-    train_classifier(model, images, labels, epochs=1, batch_size=16, lr=1e-3, weight_decay=0, seed=0,
-                     device=torch.device("cuda"))
+    train_classifier(
+        model, images, labels, epochs=1, batch_size=16, lr=1e-3, weight_decay=0, seed=0, device=torch.device("cuda")
+    )
     assert next(model.parameters()).is_cuda
     assert predict(model, images, torch.device("cuda")).shape == (64,)
 

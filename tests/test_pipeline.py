@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import make_dvc_project
-from desensitize.ingest import read_manifest
+from desensitize.splits import read_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,16 @@ def _set(project: Path, section: str, key: str, value: object) -> None:
 
 
 def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
-    assert _ran(_repro(project)) == ["ingest", "reference", "masks", "attack", "train", "baselines", "evaluate", "register"]
+    assert _ran(_repro(project)) == [
+        "ingest",
+        "reference",
+        "masks",
+        "attack",
+        "train",
+        "baselines",
+        "evaluate",
+        "register",
+    ]
     assert read_manifest(project / "data" / "raw")["source"] == "digits"
     assert (project / "models" / "reference.npz").is_file()
     verify = _run(project, sys.executable, "-m", "desensitize", "verify-release", "data/release")
@@ -79,8 +88,13 @@ def test_repro_killed_during_reference_completes_when_run_again(project: Path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", "repro"],
-        cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     assert proc.stdout is not None
     for line in proc.stdout:

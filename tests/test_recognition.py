@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from conftest import copy_project, tiny_params
-from desensitize.evaluating import evaluate
+from desensitize.checkpoints import build_model
 from desensitize.inference import MaskedClassifier
-from desensitize.masking import generate_masks
-from desensitize.masknet import MaskNet
-from desensitize.models import build_backbone, build_model
+from desensitize.masknet import MaskNet, with_mask_channel
+from desensitize.models import build_backbone
 from desensitize.paths import Paths
-from desensitize.recognition import train_baselines, train_on_release, with_mask_channel
 from desensitize.release import load_released
-from desensitize.ingest import load_split
+from desensitize.splits import load_split
+from desensitize.stages.baselines import train_baselines
+from desensitize.stages.evaluate import evaluate
+from desensitize.stages.masks import generate_masks
+from desensitize.stages.train import train_on_release
 from desensitize.training import seed_everything, train_classifier
 
 
@@ -48,8 +50,17 @@ def test_masknet_training_lowers_the_loss_on_a_tiny_set():
     masks = (rng.random((128, 12, 12)) > 0.3).astype(np.uint8)
     seed_everything(0)
     model = build_model({"backbone": "small_cnn", "in_channels": 1, "num_classes": 2, "masknet": True})
-    history = train_classifier(model, with_mask_channel(images * masks[:, None], masks), labels.astype(np.int64),
-                               epochs=4, batch_size=32, lr=3e-3, weight_decay=0, seed=0, device=torch.device("cpu"))  # fmt: skip
+    history = train_classifier(
+        model,
+        with_mask_channel(images * masks[:, None], masks),
+        labels.astype(np.int64),
+        epochs=4,
+        batch_size=32,
+        lr=3e-3,
+        weight_decay=0,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     assert history.epochs[-1]["loss"] < 0.5 * history.epochs[0]["loss"]
 
 
@@ -74,8 +85,13 @@ def test_trainer_opens_nothing_but_the_release(tiny_project, tmp_path: Path, mon
     monkeypatch.setattr(io, "open", spy)
     train_on_release(params, paths, device="cpu")
 
-    reads = {p for p in opened if p.is_relative_to(paths.root.resolve()) and not p.is_relative_to(paths.model("x").parent.resolve())
-             and not p.is_relative_to((paths.root / "plots").resolve())}  # fmt: skip
+    reads = {
+        p
+        for p in opened
+        if p.is_relative_to(paths.root.resolve())
+        and not p.is_relative_to(paths.model("x").parent.resolve())
+        and not p.is_relative_to((paths.root / "plots").resolve())
+    }
     assert reads, "the spy saw no reads"
     assert all(p.is_relative_to(paths.release.resolve()) for p in reads), reads
 

@@ -11,12 +11,13 @@ import torch
 from mlflow.exceptions import MlflowException
 
 from conftest import FAILING_GATE, copy_project, tracked_params
+from desensitize.checkpoints import load_checkpoint, save_checkpoint
 from desensitize.lineage import lineage
-from desensitize.masking import generate_masks
-from desensitize.models import load_checkpoint, save_checkpoint
 from desensitize.paths import Paths
-from desensitize.recognition import train_baselines, train_on_release
-from desensitize.stages import run_stage
+from desensitize.runner import run_stage
+from desensitize.stages.baselines import train_baselines
+from desensitize.stages.masks import generate_masks
+from desensitize.stages.train import train_on_release
 
 pytestmark = pytest.mark.slow
 NAME = "masknet-digits"

@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 from conftest import copy_project, tiny_params
 from desensitize.cli import app
 from desensitize.errors import DesensitizeError
-from desensitize.ingest import load_split
-from desensitize.masking import generate_masks
 from desensitize.paths import Paths
 from desensitize.release import RELEASE_JSON, load_released, verify_release
+from desensitize.splits import load_split
+from desensitize.stages.masks import generate_masks
 from desensitize.storage import sha256_file, write_arrays
 
 
@@ -125,7 +125,9 @@ def test_verify_catches_one_leaked_raw_pixel(released: Paths):
         arrays["images"][i, c, y, x] = raw[i, c, y, x]
 
     _rewrite_shard(released, leak)
-    with pytest.raises(DesensitizeError, match=rf"train image {i}, channel {c}, pixel \(row {y}, col {x}\).*raw pixel leaked"):
+    with pytest.raises(
+        DesensitizeError, match=rf"train image {i}, channel {c}, pixel \(row {y}, col {x}\).*raw pixel leaked"
+    ):
         verify_release(released.release, released.raw)
 
 
@@ -159,7 +161,7 @@ def test_a_failed_verification_leaves_no_release(tiny_project, tmp_path: Path, m
     def broken(*args, **kwargs):
         raise DesensitizeError("simulated verification failure")
 
-    monkeypatch.setattr("desensitize.masking.verify_release", broken)
+    monkeypatch.setattr("desensitize.stages.masks.verify_release", broken)
     with pytest.raises(DesensitizeError, match="simulated"):
         generate_masks(tiny_params(), paths, device="cpu")
     assert not paths.release.exists()

@@ -13,20 +13,37 @@ pytestmark = pytest.mark.slow
 
 def test_sweep_writes_one_row_per_point_and_the_frontier(tmp_path: Path):
     params = tiny_params().model_copy(deep=True)
-    params = params.model_copy(update={
-        "train": params.train.model_copy(update={"epochs": 1}),
-        "attack": params.attack.model_copy(update={
-            "sample": 100, "attackers": ["telea", "learned"],
-            "learned": params.attack.learned.model_copy(update={"epochs": 1, "width": 4}),
-        }),
-    })  # fmt: skip
-    rows = run_sweep(params, tmp_path, seeds=[0], scopes=["set", "image"], ratios=[0.5], strategies=["saliency", "random"],
-                     attack=True, device="cpu")  # fmt: skip
+    params = params.model_copy(
+        update={
+            "train": params.train.model_copy(update={"epochs": 1}),
+            "attack": params.attack.model_copy(
+                update={
+                    "sample": 100,
+                    "attackers": ["telea", "learned"],
+                    "learned": params.attack.learned.model_copy(update={"epochs": 1, "width": 4}),
+                }
+            ),
+        }
+    )
+    rows = run_sweep(
+        params,
+        tmp_path,
+        seeds=[0],
+        scopes=["set", "image"],
+        ratios=[0.5],
+        strategies=["saliency", "random"],
+        attack=True,
+        device="cpu",
+    )
     assert len(rows) == 4
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert {(r["scope"], r["strategy"]) for r in table} == {("set", "saliency"), ("image", "saliency"),
-                                                           ("set", "random"), ("image", "random")}  # fmt: skip
+    assert {(r["scope"], r["strategy"]) for r in table} == {
+        ("set", "saliency"),
+        ("image", "saliency"),
+        ("set", "random"),
+        ("image", "random"),
+    }
     for row in rows:
         assert 0 <= row["masknet"] <= 1 and row["hidden_pixels"] == 0.5 and "linkage_top1" in row
     summary = (tmp_path / "summary.md").read_text()

@@ -22,11 +22,13 @@ from conftest import REPO, copy_project, tracked_params
 from desensitize.cli import app
 from desensitize.errors import DesensitizeError
 from desensitize.inference import MaskedClassifier
-from desensitize.ingest import load_split
 from desensitize.paths import Paths
+from desensitize.pipeline import STAGES
 from desensitize.release import load_released
-from desensitize.stages import STAGES, run_stage
-from desensitize.tracking import EXPERIMENT, PARENT_ENV, dvc_md5, params_hash, pipeline_run, tracking_uri
+from desensitize.runner import run_stage
+from desensitize.splits import load_split
+from desensitize.tracking import EXPERIMENT, PARENT_ENV, params_hash, pipeline_run, tracking_uri
+from desensitize.versioning import dvc_md5
 
 TRACKED = ("masks", "attack", "train", "baselines", "evaluate", "register")
 
@@ -100,7 +102,12 @@ def test_datasets_are_logged_with_their_dvc_digest_and_source(tracked):
         ("release", "output"): (release, "data/release"),
     }
     attack = inputs("attack")
-    assert set(attack) == {("raw/train", "input"), ("raw/public", "input"), ("release", "input"), ("attack-sample", "input")}
+    assert set(attack) == {
+        ("raw/train", "input"),
+        ("raw/public", "input"),
+        ("release", "input"),
+        ("attack-sample", "input"),
+    }
     assert attack[("release", "input")][0] == release
     assert attack[("attack-sample", "input")][0] not in (raw, release)
     assert inputs("train") == {("release", "input"): (release, "data/release")}
@@ -124,7 +131,9 @@ def _blobs(path: Path) -> list[bytes]:
 
 def _raw_leaks(blobs: list[bytes], raw: np.ndarray) -> int:
     """How many raw images occur in the blobs, as uint8 bytes or as float32 in [0, 1]."""
-    needles = {image.tobytes() for image in raw} | {(image / np.float32(255)).astype(np.float32).tobytes() for image in raw}
+    needles = {image.tobytes() for image in raw} | {
+        (image / np.float32(255)).astype(np.float32).tobytes() for image in raw
+    }
     lengths = {len(needle) for needle in needles}
     found = set()
     for blob in blobs:
@@ -143,15 +152,22 @@ def test_no_raw_pixels_in_any_mlflow_artifact(tracked, tmp_path):
     raw = raw[raw.reshape(len(raw), -1).std(axis=1) > 0]
     files = []
     for run in [client.get_run(parent), *_stage_runs(client, parent).values()]:
-        root = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id),
-                                                        tracking_uri=client.uri))  # fmt: skip
+        root = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, dst_path=str(tmp_path / run.info.run_id), tracking_uri=client.uri
+            )
+        )
         files += [path for path in root.rglob("*") if path.is_file()]
     names = {path.name for path in files}
     assert {"model_card.md", "data_card.md", "release.json", "attack.json"} <= names
     assert not names & {"samples.png", "grid.png"}  # the figures that show raw images stay out
     # The registered model (pickled weights and mask) is among what is scanned.
-    logged_models = client.search_logged_models(experiment_ids=[client.get_experiment_by_name(EXPERIMENT).experiment_id])
-    model_dir = Path(mlflow.artifacts.download_artifacts(logged_models[0].artifact_location, dst_path=str(tmp_path / "m")))
+    logged_models = client.search_logged_models(
+        experiment_ids=[client.get_experiment_by_name(EXPERIMENT).experiment_id]
+    )
+    model_dir = Path(
+        mlflow.artifacts.download_artifacts(logged_models[0].artifact_location, dst_path=str(tmp_path / "m"))
+    )
     files += [path for path in model_dir.rglob("*") if path.is_file()]
     assert any(path.suffix == ".pth" for path in files)
     assert _raw_leaks([blob for path in files for blob in _blobs(path)], raw) == 0

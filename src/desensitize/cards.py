@@ -12,7 +12,7 @@ from typing import Any
 
 from desensitize.config import Params
 from desensitize.paths import Paths
-from desensitize.release import read_release_info
+from desensitize.release import ReleaseInfo, read_release_info
 from desensitize.storage import atomic_path, read_json
 
 
@@ -31,18 +31,22 @@ def _gate_lines(attack: dict[str, Any], params: Params) -> list[str]:
     ]
     for name, s in attack["attackers"].items():
         lines.append(f"| {name} | {s['psnr_gain']:+.2f} | {s['linkage_top1']:.3f} | {s['recognition_recovery']:+.3f} |")
-    lines += ["", f"Strongest attacker: {attack['best_attacker']}. Share of the images' content under the mask "
-              f"(hidden information): {attack['hidden_information']:.3f}.", ""]  # fmt: skip
+    lines += [
+        "",
+        f"Strongest attacker: {attack['best_attacker']}. Share of the images' content under the mask "
+        f"(hidden information): {attack['hidden_information']:.3f}.",
+        "",
+    ]
     return lines
 
 
-def _mask_line(info: dict[str, Any]) -> str:
-    template = f", {info['template']} template" if info.get("template") else ""
-    method = f" ({info['method']} attribution{template})" if info["method"] else ""
+def _mask_line(info: ReleaseInfo) -> str:
+    template = f", {info.template} template" if info.template else ""
+    method = f" ({info.method} attribution{template})" if info.method else ""
     return (
-        f"{info['strategy']}{method} mask, {info['scope']} scope: {info['n_hidden_cells']} of {info['n_cells']} "
-        f"cells of {info['cell']}x{info['cell']} pixels hidden ({info['hidden_ratio']:.1%}; "
-        f"{info['hidden_ratio_pixels']:.1%} of pixels), {info['fill']} fill."
+        f"{info.strategy}{method} mask, {info.scope} scope: {info.n_hidden_cells} of {info.n_cells} "
+        f"cells of {info.cell}x{info.cell} pixels hidden ({info.hidden_ratio:.1%}; "
+        f"{info.hidden_ratio_pixels:.1%} of pixels), {info.fill} fill."
     )
 
 
@@ -62,14 +66,14 @@ def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest
         "",
         "## Use",
         "",
-        f"Recognition of {source} images ({len(info['class_names'])} classes, shape "
-        f"{'x'.join(map(str, info['image_shape']))}). The registered model takes raw images and applies the "
+        f"Recognition of {source} images ({len(info.class_names)} classes, shape "
+        f"{'x'.join(map(str, info.image_shape))}). The registered model takes raw images and applies the "
         "release's mask itself, so it never sees what the release hides: "
         f"`mlflow.pytorch.load_model('models:/masknet-{source}@champion').predict(raw_uint8_images)`.",
         "",
         "## Training",
         "",
-        f"Data: the release `data/release`, DVC md5 `{release_digest}` ({info['counts']['train']} train images). "
+        f"Data: the release `data/release`, DVC md5 `{release_digest}` ({info.counts['train']} train images). "
         f"{_mask_line(info)}",
         f"Settings: {train.epochs} epochs, batch {train.batch_size}, learning rate {train.lr:g}, weight decay "
         f"{train.weight_decay:g}, seed {params.seed}.",
@@ -105,9 +109,9 @@ def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest
         "",
         "| split | images |",
         "|---|---|",
-        *(f"| {split} | {count} |" for split, count in info["counts"].items()),
+        *(f"| {split} | {count} |" for split, count in info.counts.items()),
         "",
-        f"Classes: {', '.join(info['class_names'])}. Images: uint8, shape {'x'.join(map(str, info['image_shape']))}.",
+        f"Classes: {', '.join(info.class_names)}. Images: uint8, shape {'x'.join(map(str, info.image_shape))}.",
         "",
         f"Masking: {_mask_line(info)} Hidden pixels hold the declared fill only, never a value computed from "
         "the image.",

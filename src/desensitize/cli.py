@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from desensitize.config import load_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
-from desensitize.stages import run_stage
+from desensitize.runner import run_stage
 
 app = typer.Typer(
     help="Desensitize an image set by masking, with recognition support (arXiv 2312.08975). "
@@ -32,9 +32,7 @@ app = typer.Typer(
 )
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file (see params.yaml).")]
-DeviceOption = Annotated[
-    str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
-]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -140,7 +138,9 @@ def summary() -> None:
     lines = []
     if paths.reference_metrics.is_file():
         ref = read_json(paths.reference_metrics)
-        lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f} ({ref['wall_seconds']} s)")
+        lines.append(
+            f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f} ({ref['wall_seconds']} s)"
+        )
     if paths.masks_metrics.is_file():
         m = read_json(paths.masks_metrics)
         lines.append(
@@ -155,7 +155,8 @@ def summary() -> None:
         best = a["attackers"][a["best_attacker"]]
         lines.append(
             f"attack     best attacker {a['best_attacker']}: PSNR gain {best['psnr_gain']:+.2f} dB, linkage "
-            f"{best['linkage_top1']:.3f} (chance {a['linkage_chance']:.3f}); hidden information {a['hidden_information']:.3f}"
+            f"{best['linkage_top1']:.3f} (chance {a['linkage_chance']:.3f}); "
+            f"hidden information {a['hidden_information']:.3f}"
         )
         lines.append(f"gate       {a['gate']['message']}")
     if paths.evaluate_metrics.is_file():
@@ -211,14 +212,18 @@ def repro(ctx: typer.Context) -> None:
     with pipeline_run(Paths()) as run_id:
         result = subprocess.run([sys.executable, "-m", "dvc", "repro", *ctx.args], check=False)
         if result.returncode != 0:
-            raise DesensitizeError(f"dvc repro exited with status {result.returncode}; MLflow run {run_id} marked FAILED")
+            raise DesensitizeError(
+                f"dvc repro exited with status {result.returncode}; MLflow run {run_id} marked FAILED"
+            )
     typer.echo(f"MLflow pipeline run {run_id}")
 
 
 @app.command()
 @_user_errors
 def lineage(
-    model: Annotated[str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or NAME (latest), e.g. masknet-mnist5k@champion.")],
+    model: Annotated[
+        str, typer.Argument(help="NAME@ALIAS, NAME/VERSION or NAME (latest), e.g. masknet-mnist5k@champion.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the chain as JSON.")] = False,
 ) -> None:
     """For auditors: the chain model version -> training run -> release digest -> mask run (strategy,
@@ -244,11 +249,15 @@ def _split(text: str, kind: type) -> list:
 @_user_errors
 def sweep(
     params: ParamsOption = Path("params.yaml"),
-    out: Annotated[Path, typer.Option(help="Where the results and the per-point workspaces go.")] = Path("reports/sweep"),
+    out: Annotated[Path, typer.Option(help="Where the results and the per-point workspaces go.")] = Path(
+        "reports/sweep"
+    ),
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     scopes: Annotated[str, typer.Option(help="Comma-separated mask scopes: set, image.")] = "set,image",
     ratios: Annotated[str, typer.Option(help="Comma-separated hidden ratios.")] = "0.25,0.5,0.75",
-    strategies: Annotated[str, typer.Option(help="Comma-separated strategies: saliency, random, ...")] = "saliency,random",
+    strategies: Annotated[
+        str, typer.Option(help="Comma-separated strategies: saliency, random, ...")
+    ] = "saliency,random",
     attack: Annotated[bool, typer.Option(help="Run the attack suite at every point (privacy axis).")] = True,
     device: DeviceOption = "auto",
 ) -> None:
@@ -263,5 +272,13 @@ def sweep(
     for key, values in grid.items():  # validate every value through the params model, before any work
         for value in values:
             parse_params({"masks": {key: value}}, origin=f"--{key.replace('hidden_', '')}s")
-    run_sweep(base, out, seeds=_split(seeds, int), scopes=grid["scope"], ratios=grid["hidden_ratio"],
-              strategies=grid["strategy"], attack=attack, device=device)  # fmt: skip
+    run_sweep(
+        base,
+        out,
+        seeds=_split(seeds, int),
+        scopes=grid["scope"],
+        ratios=grid["hidden_ratio"],
+        strategies=grid["strategy"],
+        attack=attack,
+        device=device,
+    )

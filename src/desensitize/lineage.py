@@ -49,12 +49,15 @@ def resolve_version(client: mlflow.MlflowClient, ref: str) -> Any:
     return max(versions, key=lambda v: int(v.version))
 
 
-def _producer(client: mlflow.MlflowClient, experiment_ids: list[str], stage: str, tag: str, digest: str,
-              before: int) -> Run | None:  # fmt: skip
+def _producer(
+    client: mlflow.MlflowClient, experiment_ids: list[str], stage: str, tag: str, digest: str, before: int
+) -> Run | None:
     """The latest finished run of `stage` that recorded `digest` under `tag`, started by `before`."""
     runs = client.search_runs(
         experiment_ids,
-        filter_string=f"tags.`{STAGE_TAG}` = '{stage}' AND tags.`{tag}` = '{digest}' AND attributes.status = 'FINISHED'",
+        filter_string=(
+            f"tags.`{STAGE_TAG}` = '{stage}' AND tags.`{tag}` = '{digest}' AND attributes.status = 'FINISHED'"
+        ),
         order_by=["attributes.start_time DESC"],
     )
     return next((run for run in runs if run.info.start_time <= before), None)
@@ -63,8 +66,13 @@ def _producer(client: mlflow.MlflowClient, experiment_ids: list[str], stage: str
 def _run(run: Run | None, **extra: Any) -> dict[str, Any] | None:
     if run is None:
         return None
-    return {"run_id": run.info.run_id, "run_name": run.info.run_name, "status": run.info.status,
-            "parent_run_id": run.data.tags.get("mlflow.parentRunId"), **extra}  # fmt: skip
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "parent_run_id": run.data.tags.get("mlflow.parentRunId"),
+        **extra,
+    }
 
 
 def lineage(ref: str, paths: Paths) -> dict[str, Any]:
@@ -80,10 +88,16 @@ def lineage(ref: str, paths: Paths) -> dict[str, Any]:
     model_digest = rtags.get(item_tag("input", "model/masknet"))
     aliases = sorted(mv.aliases)
 
-    training = model_digest and _producer(client, experiments, "train", item_tag("output", "model/masknet"), model_digest, before)
+    training = model_digest and _producer(
+        client, experiments, "train", item_tag("output", "model/masknet"), model_digest, before
+    )
     release_digest = training.data.tags.get(item_tag("input", "release")) if training else None
-    masks = release_digest and _producer(client, experiments, "masks", item_tag("output", "release"), release_digest, before)
-    attack = release_digest and _producer(client, experiments, "attack", item_tag("input", "release"), release_digest, before)
+    masks = release_digest and _producer(
+        client, experiments, "masks", item_tag("output", "release"), release_digest, before
+    )
+    attack = release_digest and _producer(
+        client, experiments, "attack", item_tag("input", "release"), release_digest, before
+    )
     mtags, mparams = (masks.data.tags, masks.data.params) if masks else ({}, {})
     raw_digest = mtags.get(item_tag("input", "raw/train"))
 
@@ -102,30 +116,51 @@ def lineage(ref: str, paths: Paths) -> dict[str, Any]:
         except (MlflowException, OSError, KeyError) as exc:
             problems.append(f"attack run {attack.info.run_id}: no readable metrics/attack.json ({exc})")
 
-    for what, value in (("registration run's masknet digest", model_digest), ("training run", training),
-                        ("release digest", release_digest), ("masks run", masks), ("raw dataset digest", raw_digest),
-                        ("attack run", attack)):  # fmt: skip
+    for what, value in (
+        ("registration run's masknet digest", model_digest),
+        ("training run", training),
+        ("release digest", release_digest),
+        ("masks run", masks),
+        ("raw dataset digest", raw_digest),
+        ("attack run", attack),
+    ):
         if not value:
             problems.append(f"no {what} found")
     if release_digest and mv.tags.get("release_digest") != release_digest:
-        problems.append(f"version tag release_digest {mv.tags.get('release_digest')} differs from the training run's {release_digest}")
+        problems.append(
+            f"version tag release_digest {mv.tags.get('release_digest')} differs from the training run's "
+            f"{release_digest}"
+        )
     if gate is not None and mv.tags.get("gate") != ("passed" if gate["passed"] else "failed"):
         problems.append(f"version tag gate={mv.tags.get('gate')} differs from the attack run's verdict")
 
     return {
-        "model": {"name": mv.name, "version": int(mv.version), "aliases": aliases, "source": mv.source,
-                  "registration_run_id": mv.run_id, "digest": model_digest, "tags": dict(mv.tags)},
+        "model": {
+            "name": mv.name,
+            "version": int(mv.version),
+            "aliases": aliases,
+            "source": mv.source,
+            "registration_run_id": mv.run_id,
+            "digest": model_digest,
+            "tags": dict(mv.tags),
+        },
         "training_run": _run(training or None, release_digest=release_digest),
         "release": {"path": "data/release", "digest": release_digest},
-        "mask_run": _run(masks or None, strategy=mparams.get("masks.strategy"),
-                         method=mparams.get("masks.attribution.method"), hidden_ratio=mparams.get("masks.hidden_ratio"),
-                         scope=mparams.get("masks.scope"), cell=mparams.get("masks.cell"), template=template,
-                         reference_model_digest=mtags.get(item_tag("input", "model/reference"))),
+        "mask_run": _run(
+            masks or None,
+            strategy=mparams.get("masks.strategy"),
+            method=mparams.get("masks.attribution.method"),
+            hidden_ratio=mparams.get("masks.hidden_ratio"),
+            scope=mparams.get("masks.scope"),
+            cell=mparams.get("masks.cell"),
+            template=template,
+            reference_model_digest=mtags.get(item_tag("input", "model/reference")),
+        ),
         "raw": {"path": "data/raw", "digest": raw_digest},
         "attack_run": _run(attack or None, gate=gate),
         "complete": not problems,
         "problems": problems,
-    }  # fmt: skip
+    }
 
 
 def format_text(chain: dict[str, Any]) -> str:
@@ -136,13 +171,18 @@ def format_text(chain: dict[str, Any]) -> str:
         + f": accuracy {m['tags'].get('accuracy', '?')}, gate {m['tags'].get('gate', '?')}, md5 {m['digest']}",
         f"training run  {t['run_id']} ({t['status']})" if t else "training run  NOT FOUND",
         f"release       {chain['release']['path']} md5 {chain['release']['digest']}",
-        (f"mask run      {mr['run_id']}: {mr['strategy']} ({mr['method']}), {mr['scope']} scope, hidden ratio "
-         f"{mr['hidden_ratio']}, cell {mr['cell']}" + (f", {mr['template']} template" if mr["template"] else "")
-         + f"; reference model md5 {mr['reference_model_digest']}")
-        if mr else "mask run      NOT FOUND",
+        (
+            f"mask run      {mr['run_id']}: {mr['strategy']} ({mr['method']}), {mr['scope']} scope, hidden ratio "
+            f"{mr['hidden_ratio']}, cell {mr['cell']}"
+            + (f", {mr['template']} template" if mr["template"] else "")
+            + f"; reference model md5 {mr['reference_model_digest']}"
+        )
+        if mr
+        else "mask run      NOT FOUND",
         f"raw dataset   {chain['raw']['path']} md5 {chain['raw']['digest']}",
         (f"attack gate   {a['run_id']}: {a['gate']['message'] if a['gate'] else 'verdict not readable'}")
-        if a else "attack gate   NOT FOUND",
-    ]  # fmt: skip
+        if a
+        else "attack gate   NOT FOUND",
+    ]
     lines.append("chain complete" if chain["complete"] else "chain INCOMPLETE: " + "; ".join(chain["problems"]))
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +24,11 @@ from desensitize.models import Backbone
 
 Gates = Literal["both", "spatial", "channel", "none"]
 GATES: tuple[str, ...] = ("both", "spatial", "channel", "none")
+
+
+def with_mask_channel(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """MaskNet input: uint8 (N, C + 1, H, W), the mask (0 / 255) as the last channel."""
+    return np.concatenate([images, (masks[:, None] * 255).astype(np.uint8)], axis=1)
 
 
 class FeatureSelection(nn.Module):

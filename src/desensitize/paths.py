@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SPLITS = ("train", "test", "public")
+# The models compared: owner-side baselines (`raw` upper bound, `plain_random`), then the trainer's.
+MODELS = ("raw", "plain_random", "plain", "masknet")
 
 
 @dataclass(frozen=True)

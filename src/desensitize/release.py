@@ -1,4 +1,4 @@
-"""The release bundle (what leaves the owner) and its verification.
+"""The release bundle (what leaves the owner), its verification, and its random counterpart.
 
 `data/release/` holds exactly: `train-*.npz` and `test-*.npz` shards (uint8 masked `images`,
 `labels`, and the `masks` applied to them) and `release.json` (settings, achieved hidden ratio,
@@ -8,23 +8,28 @@ positions, attribution maps, the reference model, file names, or the `public` sp
 `verify_release` proves that against the raw data: every hidden pixel holds exactly the
 declared fill (which never depends on the image), every visible pixel is the raw one, the masks
 hide whole cells at the declared ratio, and nothing else is in the bundle.
+
+`ReleaseInfo` is the typed content of `release.json`, written by the masks stage and read by every
+consumer. `random_counterpart` is what a seeded `random` mask of the same ratio, grid, scope and
+fill would release: the baseline every comparison of mask strategies uses.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-import desensitize
+from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
-from desensitize.ingest import load_split
-from desensitize.masks import cell_scores, fill_values, grid_shape
+from desensitize.masks import apply_mask, cell_scores, fill_values, grid_shape, random_masks
+from desensitize.splits import Split, load_split
 from desensitize.storage import read_shards, read_versioned_json, write_json, write_shards
+from desensitize.versioning import code_version
 
 RELEASE_JSON = "release.json"
 FORMAT_VERSION = 1
@@ -40,57 +45,148 @@ class ReleasedSplit:
     masks: np.ndarray  # uint8 (N, H, W), 1 = visible
 
 
-def code_version() -> dict[str, Any]:
-    """Package version and, when run from a git checkout, the commit and whether it was dirty."""
-    here = Path(__file__).resolve().parent
-    version: dict[str, Any] = {"package": desensitize.__version__, "git_commit": None, "git_dirty": None}
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        version.update(git_commit=commit, git_dirty=bool(dirty))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return version
+class ShardEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    images: int
+    sha256: str
+
+
+class MaskSettings(BaseModel):
+    """How the release was masked: what the masks stage declares, before any shard is written."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    strategy: str
+    method: str | None  # the attribution method (saliency strategy)
+    noise_tunnel: bool | None
+    scope: Literal["set", "image"]
+    template: str | None  # set-scope saliency: the template the mask came from
+    hidden_ratio_requested: float
+    hidden_ratio: float  # hidden cells / cells, as achieved on the grid
+    hidden_ratio_pixels: float
+    cell: int
+    grid: tuple[int, int]
+    n_cells: int
+    n_hidden_cells: int
+    fill: Literal["zero", "mean", "noise"]
+    fill_value: list[int]  # per channel; the fill is never computed from the image
+    fill_seed: int | None  # noise fill
+    image_shape: list[int]
+    class_names: list[str]
+
+
+class ReleaseInfo(MaskSettings):
+    """`release.json`."""
+
+    format: Literal[1] = FORMAT_VERSION
+    counts: dict[str, int]
+    shards: dict[str, list[ShardEntry]]
+    created: str
+    code_version: dict[str, Any]
+
+    def random_like(self) -> MaskParams:
+        """The `random` mask settings matching this release (its ratio, grid, scope and fill)."""
+        return MaskParams(
+            strategy="random",
+            scope=self.scope,
+            hidden_ratio=self.hidden_ratio_requested,
+            cell=self.cell,
+            fill=self.fill,
+        )
 
 
 def write_release(
-    directory: Path,
-    splits: dict[str, ReleasedSplit],
-    *,
-    info: dict[str, Any],
-    shard_size: int,
-) -> dict[str, Any]:
+    directory: Path, splits: dict[str, ReleasedSplit], *, settings: MaskSettings, shard_size: int
+) -> ReleaseInfo:
     """Write the bundle into `directory` (an empty temporary directory); returns release.json's content."""
     shards = {
         name: write_shards(directory, name, shard_size, images=s.images, labels=s.labels, masks=s.masks)
         for name, s in splits.items()
     }
-    release = {
-        **info,
-        "format": FORMAT_VERSION,
-        "counts": {name: len(s.images) for name, s in splits.items()},
-        "shards": shards,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-    }
-    write_json(Path(directory) / RELEASE_JSON, release)
+    release = ReleaseInfo(
+        **settings.model_dump(),
+        counts={name: len(s.images) for name, s in splits.items()},
+        shards=shards,
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        code_version=code_version(),
+    )
+    write_json(Path(directory) / RELEASE_JSON, release.model_dump(mode="json"))
     return release
 
 
-def read_release_info(directory: Path) -> dict[str, Any]:
-    return read_versioned_json(Path(directory) / RELEASE_JSON, FORMAT_VERSION)
+def read_release_info(directory: Path) -> ReleaseInfo:
+    path = Path(directory) / RELEASE_JSON
+    try:
+        return ReleaseInfo.model_validate(read_versioned_json(path, FORMAT_VERSION))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        raise DesensitizeError(f"{path}: {key}: {first['msg']}; make the release again") from None
 
 
 def load_released(directory: Path, split: str) -> ReleasedSplit:
     release = read_release_info(directory)
-    if split not in release["shards"]:
+    if split not in release.shards:
         raise DesensitizeError(f"{directory}: no {split!r} split in the release")
-    arrays = read_shards(directory, release["shards"][split], hint="the release bundle was altered; make it again")
+    entries = [entry.model_dump() for entry in release.shards[split]]
+    arrays = read_shards(directory, entries, hint="the release bundle was altered; make it again")
     return ReleasedSplit(arrays["images"], arrays["labels"], arrays["masks"])
+
+
+def channel_mean(train: Split) -> np.ndarray:
+    """The per-channel mean of the raw train pixels: the `mean` fill."""
+    return np.rint(train.images.mean(axis=(0, 2, 3))).astype(np.uint8)
+
+
+def mask_images(split: Split, masks: np.ndarray, fill: str, mean: np.ndarray, seed: int, stream: int) -> np.ndarray:
+    values = fill_values(fill, split.images.shape, mean, seed, stream)
+    return apply_mask(split.images, masks, values)
+
+
+def masked(
+    splits: dict[str, Split], masks: dict[str, np.ndarray], fill: str, mean: np.ndarray, seed: int
+) -> dict[str, ReleasedSplit]:
+    """Apply each split's mask(s) and fill (noise drawn from the split's own stream)."""
+    return {
+        name: ReleasedSplit(
+            mask_images(split, masks[name], fill, mean, seed, FILL_STREAMS[name]),
+            split.labels,
+            _per_image(masks[name], len(split.images)),
+        )
+        for name, split in splits.items()
+    }
+
+
+def _per_image(mask: np.ndarray, count: int) -> np.ndarray:
+    return mask if mask.ndim == 3 else np.broadcast_to(mask, (count, *mask.shape)).copy()
+
+
+def random_split_masks(cfg: MaskParams, splits: dict[str, Split], seed: int) -> dict[str, np.ndarray]:
+    """Seeded random cells: one mask for the set, or one per image (a different stream per split)."""
+    _, _, height, width = next(iter(splits.values())).images.shape
+    if cfg.scope == "set":
+        mask = random_masks(None, height, width, cfg.cell, cfg.hidden_ratio, seed)
+        return {name: mask for name in splits}
+    return {
+        name: random_masks(
+            len(split.images), height, width, cfg.cell, cfg.hidden_ratio, seed, stream=FILL_STREAMS[name]
+        )
+        for name, split in splits.items()
+    }
+
+
+def random_counterpart(
+    cfg: MaskParams, splits: dict[str, Split], mean: np.ndarray, seed: int
+) -> dict[str, ReleasedSplit]:
+    """What a seeded `random` mask of the same ratio, grid, scope and fill would release."""
+    return masked(splits, random_split_masks(cfg, splits, seed), cfg.fill, mean, seed)
+
+
+def random_release_of(info: ReleaseInfo, splits: dict[str, Split], seed: int) -> dict[str, ReleasedSplit]:
+    """The random counterpart of a written release."""
+    return random_counterpart(info.random_like(), splits, np.asarray(info.fill_value, dtype=np.uint8), seed)
 
 
 def _first(where: np.ndarray) -> tuple[int, ...]:
@@ -101,32 +197,36 @@ def verify_release(directory: Path, raw_dir: Path) -> dict[str, Any]:
     """Raise DesensitizeError naming the first offending item; returns a summary when all holds."""
     directory = Path(directory)
     release = read_release_info(directory)
-    allowed = {RELEASE_JSON} | {e["file"] for name in RELEASED_SPLITS for e in release["shards"].get(name, [])}
+    allowed = {RELEASE_JSON} | {e.file for name in RELEASED_SPLITS for e in release.shards.get(name, [])}
     for path in sorted(directory.iterdir()):
         if path.name not in allowed:
-            raise DesensitizeError(f"{path}: file not allowed in a release bundle (allowed: release.json and its shards)")
-    if set(release["shards"]) != set(RELEASED_SPLITS):
-        raise DesensitizeError(f"{directory / RELEASE_JSON}: splits {sorted(release['shards'])}, expected train and test")
+            raise DesensitizeError(
+                f"{path}: file not allowed in a release bundle (allowed: release.json and its shards)"
+            )
+    if set(release.shards) != set(RELEASED_SPLITS):
+        raise DesensitizeError(f"{directory / RELEASE_JSON}: splits {sorted(release.shards)}, expected train and test")
 
-    cell, n_hidden = release["cell"], release["n_hidden_cells"]
+    cell, n_hidden = release.cell, release.n_hidden_cells
     summary: dict[str, Any] = {"release": str(directory), "splits": {}}
     for split in RELEASED_SPLITS:
-        for entry in release["shards"][split]:
-            with np.load(directory / entry["file"]) as shard:
+        for entry in release.shards[split]:
+            with np.load(directory / entry.file) as shard:
                 extra = set(shard.files) - SHARD_ARRAYS
             if extra:
-                raise DesensitizeError(f"{directory / entry['file']}: arrays not allowed in a release: {sorted(extra)}")
+                raise DesensitizeError(f"{directory / entry.file}: arrays not allowed in a release: {sorted(extra)}")
         released = load_released(directory, split)  # checks every shard's sha256
         raw = load_split(raw_dir, split)
         where = f"{split}"
         if released.images.shape != raw.images.shape or released.images.dtype != np.uint8:
-            raise DesensitizeError(f"{where}: images {released.images.shape} {released.images.dtype}, raw {raw.images.shape}")
+            raise DesensitizeError(
+                f"{where}: images {released.images.shape} {released.images.dtype}, raw {raw.images.shape}"
+            )
         if not np.array_equal(released.labels, raw.labels):
             raise DesensitizeError(f"{where}: labels differ from the raw split")
         n, _, height, width = raw.images.shape
         if released.masks.shape != (n, height, width) or not np.isin(released.masks, (0, 1)).all():
             raise DesensitizeError(f"{where}: masks must be (N, H, W) of 0/1, got {released.masks.shape}")
-        if release["scope"] == "set" and not (released.masks == released.masks[:1]).all():
+        if release.scope == "set" and not (released.masks == released.masks[:1]).all():
             raise DesensitizeError(f"{where}: scope is 'set' but the images carry different masks")
         gh, gw = grid_shape(height, width, cell)
         cell_area = cell_scores(np.ones((height, width)), cell)
@@ -136,10 +236,12 @@ def verify_release(directory: Path, raw_dir: Path) -> dict[str, Any]:
         counts = (hidden_area > 0).sum(axis=(1, 2))
         if (counts != n_hidden).any():
             i = int(np.flatnonzero(counts != n_hidden)[0])
-            raise DesensitizeError(f"{where} image {i}: {counts[i]} hidden cells, release.json says {n_hidden} of {gh * gw}")
+            raise DesensitizeError(
+                f"{where} image {i}: {counts[i]} hidden cells, release.json says {n_hidden} of {gh * gw}"
+            )
 
         fill = fill_values(
-            release["fill"], raw.images.shape, np.asarray(release["fill_value"]), release["fill_seed"], FILL_STREAMS[split]
+            release.fill, raw.images.shape, np.asarray(release.fill_value), release.fill_seed, FILL_STREAMS[split]
         )
         hidden = np.broadcast_to(released.masks[:, None] == 0, raw.images.shape)
         expected = np.where(hidden, fill, raw.images)
@@ -149,7 +251,7 @@ def verify_release(directory: Path, raw_dir: Path) -> dict[str, Any]:
             value, raw_value = released.images[i, c, y, x], raw.images[i, c, y, x]
             if hidden[i, c, y, x]:
                 leak = " (the raw value: raw pixel leaked)" if value == raw_value else ""
-                problem = f"hidden pixel holds {value}, not the declared {release['fill']} fill{leak}"
+                problem = f"hidden pixel holds {value}, not the declared {release.fill} fill{leak}"
             else:
                 problem = f"visible pixel holds {value}, the raw image has {raw_value}"
             raise DesensitizeError(f"{where} image {i}, channel {c}, pixel (row {y}, col {x}): {problem}")

@@ -10,7 +10,7 @@ import numpy as np
 from desensitize.storage import atomic_path
 
 
-def _save(fig, path: Path) -> None:  # noqa: ANN001 - matplotlib Figure
+def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
@@ -62,7 +62,14 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
     ax.set_ylabel("true", fontsize=8)
     for (i, j), count in np.ndenumerate(matrix):
         if count:
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=6,
-                    color="white" if count > matrix.max() / 2 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if count > matrix.max() / 2 else "black",
+            )
     ax.set_title(title, fontsize=9)
     _save(fig, path)

@@ -37,7 +37,11 @@ def run_report(
     verdict = gate.get("message", "no attack metrics yet")
     lines += ["", f"**Privacy gate:** {'PASSED' if gate.get('passed') else 'FAILED' if gate else 'unknown'}: {verdict}"]
     if mlflow_run_url:
-        shown = f"[{mlflow_run_url}]({mlflow_run_url})" if mlflow_run_url.startswith(("http://", "https://")) else mlflow_run_url
+        shown = (
+            f"[{mlflow_run_url}]({mlflow_run_url})"
+            if mlflow_run_url.startswith(("http://", "https://"))
+            else mlflow_run_url
+        )
         lines += ["", f"**MLflow run:** {shown}"]
     lines += ["", "## Metrics", "", "| file | metric | value |", "|---|---|---|"]
     for name in METRICS_FILES:

@@ -7,6 +7,7 @@ the installed packages; the others read local files and never download.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,29 @@ from desensitize.errors import DesensitizeError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
@@ -38,6 +56,18 @@ class Source:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {self.images.shape}")
         if self.labels.shape != (len(self.images),):
             raise ValueError(f"labels shape {self.labels.shape} does not match {len(self.images)} images")
+
+
+def image_digests(images: np.ndarray) -> list[bytes]:
+    """One content digest per image (its raw bytes), to find duplicates across splits."""
+    return [hashlib.sha256(image.tobytes()).digest() for image in images]
+
+
+def drop_duplicates(source: Source) -> tuple[Source, int]:
+    _, first = np.unique(np.array(image_digests(source.images)), return_index=True)
+    keep = np.sort(first)
+    dropped = len(source.images) - len(keep)
+    return Source(source.images[keep], source.labels[keep], source.class_names), dropped
 
 
 def load_source(params: DataParams) -> Source:
@@ -142,9 +172,7 @@ def _imagefolder(params: DataParams) -> Source:
     size = (params.image_size, params.image_size)
     images, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise DesensitizeError(f"{class_dir}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         for file in files:

@@ -140,7 +140,9 @@ def write_shards(directory: Path, prefix: str, shard_size: int, **arrays: np.nda
     for k, start in enumerate(range(0, count, shard_size)):
         file = f"{prefix}-{k:03d}.npz"
         write_arrays(Path(directory) / file, **{name: a[start : start + shard_size] for name, a in arrays.items()})
-        entries.append({"file": file, "images": min(shard_size, count - start), "sha256": sha256_file(Path(directory) / file)})
+        entries.append(
+            {"file": file, "images": min(shard_size, count - start), "sha256": sha256_file(Path(directory) / file)}
+        )
     return entries
 
 

@@ -20,18 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from desensitize.attacking import run_attack
 from desensitize.config import Params
-from desensitize.evaluating import evaluate
-from desensitize.ingest import ingest
-from desensitize.masking import generate_masks
+from desensitize.paths import MODELS as ACCURACY
 from desensitize.paths import Paths
-from desensitize.recognition import train_baselines, train_on_release
-from desensitize.reference import train_reference
+from desensitize.stages.attack import run_attack
+from desensitize.stages.baselines import train_baselines
+from desensitize.stages.evaluate import evaluate
+from desensitize.stages.ingest import ingest
+from desensitize.stages.masks import generate_masks
+from desensitize.stages.reference import train_reference
+from desensitize.stages.train import train_on_release
 from desensitize.storage import atomic_path
 
 log = logging.getLogger(__name__)
-ACCURACY = ("raw", "plain_random", "plain", "masknet")
 PRIVACY = ("psnr_gain", "linkage_top1", "hidden_information")
 
 
@@ -71,14 +72,24 @@ def run_sweep(
             _link(base.raw, paths.raw)
             _link(base.reference_model, paths.reference_model)
             masks = generate_masks(point, paths, device=device)
-            row: dict[str, Any] = {"seed": seed, "scope": scope, "hidden_ratio": ratio, "strategy": strategy,
-                                   "template": masks["template"], "hidden_pixels": masks["hidden_ratio_pixels"]}  # fmt: skip
+            row: dict[str, Any] = {
+                "seed": seed,
+                "scope": scope,
+                "hidden_ratio": ratio,
+                "strategy": strategy,
+                "template": masks["template"],
+                "hidden_pixels": masks["hidden_ratio_pixels"],
+            }
             if attack:
                 result = run_attack(point, paths, device=device)
                 best = result["attackers"][result["best_attacker"]]
-                row.update(best_attacker=result["best_attacker"], psnr_gain=best["psnr_gain"],
-                           linkage_top1=best["linkage_top1"], hidden_information=result["hidden_information"],
-                           gate_passed=result["gate"]["passed"])  # fmt: skip
+                row.update(
+                    best_attacker=result["best_attacker"],
+                    psnr_gain=best["psnr_gain"],
+                    linkage_top1=best["linkage_top1"],
+                    hidden_information=result["hidden_information"],
+                    gate_passed=result["gate"]["passed"],
+                )
             train_on_release(point, paths, device=device)
             train_baselines(point, paths, device=device)
             row.update(evaluate(point, paths, device=device)["accuracy"])
@@ -113,8 +124,11 @@ def _write(out: Path, rows: list[dict[str, Any]], attack: bool) -> None:
             cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}")
         lines.append(f"| {scope} | {ratio:g} | {strategy} | {len(members)} | " + " | ".join(cells) + " |")
     with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text("Mean ± sample standard deviation over seeds (a single value where one seed ran).\n\n"
-                       + "\n".join(lines) + "\n")  # fmt: skip
+        tmp.write_text(
+            "Mean ± sample standard deviation over seeds (a single value where one seed ran).\n\n"
+            + "\n".join(lines)
+            + "\n"
+        )
     if attack:
         _frontier(out, rows)
 
@@ -130,12 +144,20 @@ def _frontier(out: Path, rows: list[dict[str, Any]]) -> None:
             for (strategy, scope), marker in markers.items():
                 pts = [r for r in rows if r["strategy"] == strategy and r["scope"] == scope]
                 if pts:
-                    ax.scatter([r[privacy] for r in pts], [r[model] for r in pts], marker=marker, color=color,
-                               label=f"{model}, {strategy} {scope}", alpha=0.8)  # fmt: skip
+                    ax.scatter(
+                        [r[privacy] for r in pts],
+                        [r[model] for r in pts],
+                        marker=marker,
+                        color=color,
+                        label=f"{model}, {strategy} {scope}",
+                        alpha=0.8,
+                    )
                     for r in pts:
                         ax.annotate(f"{r['hidden_ratio']:g}", (r[privacy], r[model]), fontsize=6)
-        ax.set_xlabel(privacy + (" (lower = more private)" if privacy != "hidden_information" else " (higher = more hidden)"),
-                      fontsize=8)  # fmt: skip
+        ax.set_xlabel(
+            privacy + (" (lower = more private)" if privacy != "hidden_information" else " (higher = more hidden)"),
+            fontsize=8,
+        )
         ax.set_ylabel("test accuracy", fontsize=8)
     axes[0].legend(fontsize=6)
     fig.suptitle("privacy-utility frontier (labels: hidden ratio)", fontsize=9)

@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 from mlflow.data.dataset_source import DatasetSource
@@ -37,10 +37,9 @@ from mlflow.exceptions import MlflowException
 from desensitize.config import Params, get_dotted, load_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
+from desensitize.pipeline import Stage
 from desensitize.storage import flatten, sha256_file
-
-if TYPE_CHECKING:
-    from desensitize.stages import Stage
+from desensitize.versioning import code_version, dvc_md5
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +97,6 @@ def configure(paths: Paths, *, create: bool = True) -> str:
     return experiment_id
 
 
-def dvc_md5(path: Path) -> str:
-    """The md5 DVC records for an output (a directory's ends in `.dir`), hashed by DVC's own code."""
-    from dvc_data.hashfile.build import build
-    from dvc_data.hashfile.db import HashFileDB
-    from dvc_objects.fs.local import LocalFileSystem
-    from dvc_objects.fs.memory import MemoryFileSystem
-
-    path = Path(path)
-    if not path.exists():
-        raise DesensitizeError(f"{path}: not found, cannot compute its DVC digest")
-    staging = HashFileDB(MemoryFileSystem(global_store=False), "/staging")
-    _, _, obj = build(staging, str(path.resolve()), LocalFileSystem(), "md5")
-    return obj.hash_info.value
-
-
 class DvcOutputSource(DatasetSource):
     """Where a logged dataset lives: a DVC output, by its path in the project (`dvc pull` it)."""
 
@@ -164,10 +148,10 @@ def _digest(item: str, paths: Paths, params: Params) -> str:
         return digest
     # Not a DVC output: the seeded sample of the release that the attackers get, named by the
     # release digest and the sample's indices.
-    from desensitize.attacking import sample_indices
+    from desensitize.attack_suite import sample_indices
     from desensitize.release import read_release_info
 
-    n = read_release_info(paths.release)["counts"]["train"]
+    n = read_release_info(paths.release).counts["train"]
     indices = sample_indices(n, params.attack.sample, params.seed).astype("<i8")
     return hashlib.md5(digest.encode() + indices.tobytes()).hexdigest()
 
@@ -206,8 +190,6 @@ def params_hash(params: Params) -> str:
 
 def _run_tags(paths: Paths, params: Params | None) -> dict[str, str]:
     """Code and data versions: git commit and dirty flag, the dvc.lock and params hashes."""
-    from desensitize.release import code_version
-
     version = code_version()
     tags = {
         PREFIX + "git_commit": version["git_commit"] or "unknown",

@@ -10,16 +10,18 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from desensitize.checkpoints import build_model, save_checkpoint
 from desensitize.config import ClassifierParams
 from desensitize.errors import DesensitizeError
-from desensitize.models import build_backbone, build_model, save_checkpoint
+from desensitize.models import build_backbone
+from desensitize.paths import Paths
 from desensitize.storage import atomic_path
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,9 @@ def train_classifier(
             correct += (logits.argmax(1) == y).sum().item()
         row = {"epoch": epoch, "loss": total_loss / len(order), "train_accuracy": correct / len(order)}
         history.epochs.append(row)
-        log.info("%s epoch %d/%d: loss %.4f, train accuracy %.4f", name, epoch, epochs, row["loss"], row["train_accuracy"])
+        log.info(
+            "%s epoch %d/%d: loss %.4f, train accuracy %.4f", name, epoch, epochs, row["loss"], row["train_accuracy"]
+        )
     history.wall_seconds = time.perf_counter() - start
     return history
 
@@ -132,17 +136,60 @@ def fit(
     """Build, train and save one classifier (a MaskNet when `masknet`: the mask is the last channel of
     `images`); writes the checkpoint and its training curve."""
     channels = images.shape[1] - (1 if masknet else 0)
-    spec = {"backbone": cfg.backbone, "in_channels": channels, "num_classes": len(class_names),
-            "image_shape": [channels, *images.shape[2:]], "class_names": list(class_names), "masknet": masknet}  # fmt: skip
+    spec = {
+        "backbone": cfg.backbone,
+        "in_channels": channels,
+        "num_classes": len(class_names),
+        "image_shape": [channels, *images.shape[2:]],
+        "class_names": list(class_names),
+        "masknet": masknet,
+    }
     seed_everything(seed)  # the initial weights too
     model = build_model(spec)
     history = train_classifier(
-        model, images, labels, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, seed=seed, device=device, name=name,
-    )  # fmt: skip
+        model,
+        images,
+        labels,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=seed,
+        device=device,
+        name=name,
+    )
     save_checkpoint(model_path, model, **spec)
     write_history(history_path, history)
     return model, history
+
+
+def fit_summary(
+    cfg: ClassifierParams,
+    paths: Paths,
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str] | tuple[str, ...],
+    *,
+    seed: int,
+    masknet: bool,
+    device: torch.device,
+) -> dict[str, Any]:
+    """`fit` one model of the comparison into models/<name>.npz (curve: plots/train/<name>.csv);
+    returns its last epoch and wall time."""
+    _, history = fit(
+        cfg,
+        images,
+        labels,
+        class_names,
+        seed=seed,
+        masknet=masknet,
+        device=device,
+        model_path=paths.model(name),
+        history_path=paths.train_history(name),
+        name=name,
+    )
+    return {**history.epochs[-1], "wall_seconds": round(history.wall_seconds, 2)}
 
 
 def fit_and_score(
@@ -163,9 +210,17 @@ def fit_and_score(
     seed_everything(seed)  # the initial weights too
     model = build_backbone(cfg.backbone, images.shape[1], num_classes)
     train_classifier(
-        model, images, labels, epochs=epochs or cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        weight_decay=cfg.weight_decay, seed=seed, device=device, name=name,
-    )  # fmt: skip
+        model,
+        images,
+        labels,
+        epochs=epochs or cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=seed,
+        device=device,
+        name=name,
+    )
     return float((predict(model, eval_images, device) == eval_labels).mean())
 
 

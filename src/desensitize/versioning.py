@@ -1,4 +1,5 @@
-"""DVC bookkeeping for a caller that runs stages in-process (the Prefect flow) instead of through
+"""Code and data versions: the git commit of the code, DVC digests of outputs, and the DVC
+bookkeeping for a caller that runs stages in-process (the Prefect flow) instead of through
 `dvc repro`: which stages are stale, recording the ones that ran, pushing to the remote.
 
 Done this way, a run leaves the same dvc.lock and cache as `dvc repro` would, so `dvc status`
@@ -9,16 +10,54 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import desensitize
 from desensitize.errors import DesensitizeError
 
 if TYPE_CHECKING:
     from dvc.repo import Repo
 
 log = logging.getLogger(__name__)
+
+
+def code_version() -> dict[str, Any]:
+    """Package version and, when run from a git checkout, the commit and whether it was dirty."""
+    here = Path(__file__).resolve().parent
+    version: dict[str, Any] = {"package": desensitize.__version__, "git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        version.update(git_commit=commit, git_dirty=bool(dirty))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def dvc_md5(path: Path) -> str:
+    """The md5 DVC records for an output (a directory's ends in `.dir`), hashed by DVC's own code."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    path = Path(path)
+    if not path.exists():
+        raise DesensitizeError(f"{path}: not found, cannot compute its DVC digest")
+    staging = HashFileDB(MemoryFileSystem(global_store=False), "/staging")
+    _, _, obj = build(staging, str(path.resolve()), LocalFileSystem(), "md5")
+    return obj.hash_info.value
 
 
 @contextlib.contextmanager
@@ -33,7 +72,9 @@ def open_repo(root: Path) -> Iterator[Repo]:
         try:
             repo = Repo(".")
         except NotDvcRepoError:
-            raise DesensitizeError(f"{root}: not a DVC project (no .dvc/ directory; run `git init && dvc init`)") from None
+            raise DesensitizeError(
+                f"{root}: not a DVC project (no .dvc/ directory; run `git init && dvc init`)"
+            ) from None
         try:
             yield repo
         finally:

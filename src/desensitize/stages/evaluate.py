@@ -11,14 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from desensitize.checkpoints import load_checkpoint
 from desensitize.config import Params
-from desensitize.ingest import load_split
-from desensitize.masking import like_release, random_counterpart
-from desensitize.models import load_checkpoint
-from desensitize.paths import Paths
-from desensitize.recognition import OWNER_MODELS, TRAINER_MODELS, with_mask_channel
-from desensitize.release import load_released, read_release_info
+from desensitize.masknet import with_mask_channel
+from desensitize.paths import MODELS, Paths
+from desensitize.release import load_released, random_release_of, read_release_info
 from desensitize.reports import confusion_matrix
+from desensitize.splits import load_split
 from desensitize.storage import atomic_path, write_json
 from desensitize.training import accuracy_report, best_device, predict
 
@@ -28,8 +27,7 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
     info = read_release_info(paths.release)
     released = load_released(paths.release, "test")
     raw = load_split(paths.raw, "test")
-    fill_value = np.asarray(info["fill_value"], dtype=np.uint8)
-    rand = random_counterpart(like_release(info), {"test": raw}, fill_value, params.seed)["test"]
+    rand = random_release_of(info, {"test": raw}, params.seed)["test"]
     inputs = {
         "raw": raw.images,
         "plain_random": rand.images,
@@ -38,21 +36,25 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
     }
     torch_device = best_device(device)
     accuracy, per_class = {}, {}
-    for name in (*OWNER_MODELS, *TRAINER_MODELS):
+    for name in MODELS:
         model, _ = load_checkpoint(paths.model(name), torch_device)
         predictions = predict(model, inputs[name], torch_device)
         report = accuracy_report(predictions, raw.labels, raw.class_names)
         accuracy[name], per_class[name] = report["accuracy"], report["per_class_accuracy"]
         k = len(raw.class_names)
         matrix = np.bincount(raw.labels * k + predictions, minlength=k * k).reshape(k, k)
-        confusion_matrix(matrix, raw.class_names, paths.evaluate_reports / f"confusion_{name}.png",
-                         f"{name}: accuracy {report['accuracy']:.3f}")  # fmt: skip
+        confusion_matrix(
+            matrix,
+            raw.class_names,
+            paths.evaluate_reports / f"confusion_{name}.png",
+            f"{name}: accuracy {report['accuracy']:.3f}",
+        )
     metrics = {
         "accuracy": accuracy,
         "masknet_over_plain": accuracy["masknet"] - accuracy["plain"],
         "saliency_over_random": accuracy["plain"] - accuracy["plain_random"],
         "per_class_accuracy": per_class,
-        "mask": {k: info[k] for k in ("strategy", "method", "scope", "hidden_ratio", "cell", "fill")},
+        "mask": info.model_dump(include={"strategy", "method", "scope", "hidden_ratio", "cell", "fill"}),
         "n_test": len(raw.labels),
     }
     _table(paths, metrics)

@@ -74,9 +74,13 @@ class UNet(nn.Module):
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-            )  # fmt: skip
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            )
 
         self.enc1 = block(channels + 1, width)
         self.enc2 = block(width, 2 * width)
@@ -134,10 +138,14 @@ def train_learned(
 
 
 @torch.no_grad()
-def learned(model: UNet, released: np.ndarray, masks: np.ndarray, device: torch.device, batch_size: int = 512) -> np.ndarray:
+def learned(
+    model: UNet, released: np.ndarray, masks: np.ndarray, device: torch.device, batch_size: int = 512
+) -> np.ndarray:
     guesses = []
     for start in range(0, len(released), batch_size):
-        x = _inputs(to_float(released[start : start + batch_size]), torch.as_tensor(masks[start : start + batch_size]).float())
+        x = _inputs(
+            to_float(released[start : start + batch_size]), torch.as_tensor(masks[start : start + batch_size]).float()
+        )
         guesses.append(model(batch_to(x, device)).float().cpu())
     return composite(released, masks, torch.cat(guesses))
 

@@ -10,8 +10,8 @@ import logging
 from typing import Any
 
 from desensitize.config import Params
-from desensitize.ingest import load_split
 from desensitize.paths import Paths
+from desensitize.splits import load_split
 from desensitize.storage import write_json
 from desensitize.training import accuracy_report, best_device, fit, predict
 
@@ -26,9 +26,17 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
     cfg = params.reference
     log.info("training reference %s on %d images (%s)", cfg.backbone, len(train.images), torch_device)
     model, history = fit(
-        cfg, train.images, train.labels, train.class_names, seed=params.seed, masknet=False, device=torch_device,
-        model_path=paths.reference_model, history_path=paths.reference_history, name="reference",
-    )  # fmt: skip
+        cfg,
+        train.images,
+        train.labels,
+        train.class_names,
+        seed=params.seed,
+        masknet=False,
+        device=torch_device,
+        model_path=paths.reference_model,
+        history_path=paths.reference_history,
+        name="reference",
+    )
     report = accuracy_report(predict(model, test.images, torch_device), test.labels, test.class_names)
     metrics = {
         "test_accuracy": report["accuracy"],

@@ -10,90 +10,23 @@ only if every attacker stays under every threshold; otherwise the stage exits no
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from desensitize import attacks, privacy
+from desensitize import privacy
+from desensitize.attack_suite import attack_suite, sample_indices
+from desensitize.checkpoints import load_checkpoint
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
-from desensitize.ingest import load_split
-from desensitize.masking import like_release, random_counterpart
-from desensitize.models import load_checkpoint
 from desensitize.paths import Paths
-from desensitize.release import load_released, read_release_info
+from desensitize.release import load_released, random_release_of, read_release_info
 from desensitize.reports import heatmap, image_grid
+from desensitize.splits import load_split
 from desensitize.storage import atomic_path, write_json
-from desensitize.training import best_device, predict, to_float
+from desensitize.training import best_device, to_float
 
 log = logging.getLogger(__name__)
-SAMPLE_STREAM = 11
-
-
-def attack_suite(
-    released: np.ndarray,
-    masks: np.ndarray,
-    raw: np.ndarray,
-    labels: np.ndarray,
-    public: np.ndarray,
-    fill: dict[str, Any],
-    params: Params,
-    model: torch.nn.Module,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Run every configured attacker on (released, masks); score against raw (uint8 arrays)."""
-    cfg = params.attack
-    truth = to_float(raw).numpy()
-    public_mean = to_float(public).mean(dim=0).numpy()
-
-    def accuracy(images: np.ndarray) -> float:
-        return float((predict(model, images, device) == labels).mean())
-
-    released_accuracy = accuracy(released)
-    reconstructions: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
-    for name in ("mean_fill", *cfg.attackers):
-        start = time.perf_counter()
-        if name == "mean_fill":
-            out = attacks.mean_fill(released, masks, public_mean)
-        elif name == "learned":
-            fill_fn = attacks.release_fill(fill["fill"], fill["fill_value"], params.seed)
-            unet = attacks.train_learned(public, masks, fill_fn, cfg.learned, seed=params.seed, device=device)
-            out = attacks.learned(unet, released, masks, device)
-        else:
-            out = attacks.classical(name, released, masks, cfg.inpaint_radius)
-        seconds[name] = time.perf_counter() - start
-        reconstructions[name] = out
-
-    blind_psnr = privacy.psnr_hidden(reconstructions["mean_fill"], truth, masks)
-    scores = {}
-    for name, out in reconstructions.items():
-        psnr = privacy.psnr_hidden(out, truth, masks)
-        scores[name] = {
-            "psnr_hidden": psnr,
-            "psnr_gain": psnr - blind_psnr,
-            "ssim_hidden": privacy.ssim_hidden(out, truth, masks),
-            "linkage_top1": privacy.linkage_top1(out, truth, masks),
-            "recognition_recovery": accuracy(out) - released_accuracy,
-            "seconds": round(seconds[name], 2),
-        }
-    attackers = {name: s for name, s in scores.items() if name != "mean_fill"}
-    best = max(attackers, key=lambda name: (attackers[name]["psnr_gain"], attackers[name]["linkage_top1"]))
-    return {
-        "attackers": attackers,
-        "mean_fill": scores["mean_fill"],
-        "best_attacker": best,
-        "hidden_information": privacy.hidden_information(truth, masks, truth.mean(axis=0)),
-        "linkage_chance": 1 / len(raw),
-        "reconstructions": reconstructions,
-    }
-
-
-def sample_indices(n: int, sample: int, seed: int) -> np.ndarray:
-    """The released train images attacked: a seeded sample, sorted (MLflow logs its digest)."""
-    return np.sort(np.random.default_rng([seed, SAMPLE_STREAM]).choice(n, min(sample, n), replace=False))
 
 
 def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
@@ -109,16 +42,32 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
 
     idx = sample_indices(len(raw.images), cfg.sample, params.seed)
     raw_sample, labels = raw.images[idx], raw.labels[idx]
-    fill = {"fill": info["fill"], "fill_value": info["fill_value"]}
     release = attack_suite(
-        released.images[idx], released.masks[idx], raw_sample, labels, public, fill, params, model, torch_device
+        released.images[idx],
+        released.masks[idx],
+        raw_sample,
+        labels,
+        public,
+        info.fill,
+        info.fill_value,
+        params,
+        model,
+        torch_device,
     )
 
     # The comparison: a seeded random mask of the same ratio, grid, scope and fill.
-    fill_value = np.asarray(info["fill_value"], dtype=np.uint8)
-    rand = random_counterpart(like_release(info), {"train": raw}, fill_value, params.seed)["train"]
+    rand = random_release_of(info, {"train": raw}, params.seed)["train"]
     random = attack_suite(
-        rand.images[idx], rand.masks[idx], raw_sample, labels, public, fill, params, model, torch_device
+        rand.images[idx],
+        rand.masks[idx],
+        raw_sample,
+        labels,
+        public,
+        info.fill,
+        info.fill_value,
+        params,
+        model,
+        torch_device,
     )
 
     verdict = privacy.gate(release["attackers"], cfg.thresholds)
@@ -127,9 +76,12 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     verdict["message"] = _message(verdict)
     best = release["best_attacker"]
     cells = privacy.cell_restoration(
-        release["reconstructions"][best], release["reconstructions"]["mean_fill"],
-        to_float(raw_sample).numpy(), released.masks[idx], info["cell"],
-    )  # fmt: skip
+        release["reconstructions"][best],
+        release["reconstructions"]["mean_fill"],
+        to_float(raw_sample).numpy(),
+        released.masks[idx],
+        info.cell,
+    )
     metrics = {
         "sample": len(idx),
         "linkage_chance": release["linkage_chance"],
@@ -137,7 +89,7 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
         "mean_fill": release["mean_fill"],
         "best_attacker": best,
         "hidden_information": release["hidden_information"],
-        "mask": {k: info[k] for k in ("strategy", "method", "scope", "hidden_ratio", "cell", "fill")},
+        "mask": info.model_dump(include={"strategy", "method", "scope", "hidden_ratio", "cell", "fill"}),
         "random_mask": {k: random[k] for k in ("attackers", "mean_fill", "best_attacker", "hidden_information")},
         "gate": verdict,
     }
@@ -177,8 +129,12 @@ def _report(
     rows = [("raw", raw[:k]), ("released", released[:k])]
     rows += [(name, np.rint(r[:k] * 255).astype(np.uint8)) for name, r in release["reconstructions"].items()]
     image_grid(rows, out / "grid.png", "raw / released / each attacker's reconstruction (train sample)")
-    heatmap(cells, out / "cell_restoration.png",
-            f"how well {metrics['best_attacker']} restores each cell (1 = exactly, 0 = blind guess)", cmap="viridis")  # fmt: skip
+    heatmap(
+        cells,
+        out / "cell_restoration.png",
+        f"how well {metrics['best_attacker']} restores each cell (1 = exactly, 0 = blind guess)",
+        cmap="viridis",
+    )
     with atomic_path(out / "cell_restoration.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, cells)
     lines = [
@@ -197,7 +153,8 @@ def _report(
         r = metrics["random_mask"]["attackers"].get(name, metrics["random_mask"]["mean_fill"])
         lines.append(
             f"| {name} | {s['psnr_hidden']:.2f} | {s['psnr_gain']:+.2f} | {s['ssim_hidden']:.3f} | "
-            f"{s['linkage_top1']:.3f} | {s['recognition_recovery']:+.3f} | {r['psnr_gain']:+.2f} | {r['linkage_top1']:.3f} |"
+            f"{s['linkage_top1']:.3f} | {s['recognition_recovery']:+.3f} | {r['psnr_gain']:+.2f} | "
+            f"{r['linkage_top1']:.3f} |"
         )
     lines += ["", f"Best attacker: **{metrics['best_attacker']}**.", "", f"**{metrics['gate']['message']}**", ""]
     with atomic_path(out / "summary.md") as tmp:

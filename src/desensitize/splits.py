@@ -1,0 +1,67 @@
+"""The raw splits in `data/raw/`: how a source is split, and the reader every stage uses.
+
+`data/raw/` holds `<split>-<k>.npz` shards (uint8 images (N, C, H, W) and int64 labels) and
+`manifest.json`, which records the sha256 of every shard; readers refuse a shard that differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from desensitize.config import SplitParams
+from desensitize.errors import DesensitizeError
+from desensitize.paths import SPLITS
+from desensitize.storage import read_shards, read_versioned_json
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    class_names: tuple[str, ...]
+
+
+def _allocate(n: int, fractions: tuple[float, ...]) -> list[int]:
+    """Split n items by fractions: floors, then the largest remainders, totalling round(sum * n)."""
+    exact = [f * n for f in fractions]
+    counts = [int(np.floor(x)) for x in exact]
+    target = min(n, int(round(sum(exact))))
+    by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: max(0, target - sum(counts))]:
+        counts[i] += 1
+    return counts
+
+
+def split_indices(labels: np.ndarray, fractions: SplitParams, seed: int) -> dict[str, np.ndarray]:
+    """Stratified, seeded, disjoint index sets per split, each in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    wanted = tuple(getattr(fractions, name) for name in SPLITS)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for name, count in zip(SPLITS, _allocate(len(members), wanted), strict=True):
+            parts[name].append(members[start : start + count])
+            start += count
+    return {name: rng.permutation(np.concatenate(parts[name])) for name in SPLITS}
+
+
+def read_manifest(raw_dir: Path) -> dict[str, Any]:
+    return read_versioned_json(Path(raw_dir) / MANIFEST, FORMAT_VERSION)
+
+
+def load_split(raw_dir: Path, split: str) -> Split:
+    """Read one split, checking every shard against the sha256 in the manifest."""
+    if split not in SPLITS:
+        raise DesensitizeError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    raw_dir = Path(raw_dir)
+    manifest = read_manifest(raw_dir)
+    arrays = read_shards(raw_dir, manifest["shards"][split], hint="run the ingest stage again")
+    return Split(arrays["images"], arrays["labels"], tuple(manifest["class_names"]))

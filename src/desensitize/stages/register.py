@@ -1,0 +1,74 @@
+"""The `register` stage: the MaskNet trained on the release becomes a new version of the registered
+model `masknet-<data.source>`, with the release's mask built in (desensitize.inference), and the
+release's model card and data card are written.
+
+A gate-failed release (reachable only with attack.enforce: false) is registered, visible and
+comparable, but never becomes `champion` (desensitize.registry).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlflow
+
+from desensitize.cards import write_cards
+from desensitize.config import Params
+from desensitize.errors import DesensitizeError
+from desensitize.inference import MaskedClassifier
+from desensitize.paths import Paths
+from desensitize.registry import CHALLENGER, MODEL, model_name, register_version
+from desensitize.release import read_release_info
+from desensitize.storage import read_json
+from desensitize.versioning import dvc_md5
+
+log = logging.getLogger(__name__)
+
+
+def register(params: Params, paths: Paths) -> dict[str, Any]:
+    """Run the stage inside its MLflow run (see desensitize.runner); returns what was registered."""
+    run = mlflow.active_run()
+    if run is None:
+        raise DesensitizeError("the register stage logs into an MLflow run: run it through run_stage / the CLI")
+    gate = read_json(paths.attack_metrics)["gate"]
+    accuracy = float(read_json(paths.evaluate_metrics)["accuracy"][MODEL])
+    info = read_release_info(paths.release)
+    release_digest = dvc_md5(paths.release)
+    image_saliency = info.scope == "image" and info.strategy == "saliency"
+    classifier = MaskedClassifier(
+        paths.model(MODEL),
+        paths.release,
+        device="cpu",
+        seed=params.seed,
+        reference_path=paths.reference_model if image_saliency else None,
+        masks=params.masks if image_saliency else None,
+    )
+    write_cards(params, paths, release_digest=release_digest, raw_digest=dvc_md5(paths.raw))
+
+    name = model_name(params.data.source)
+    tags = {
+        "release_digest": release_digest,
+        "model_digest": dvc_md5(paths.model(MODEL)),
+        "mask_strategy": info.strategy,
+        "mask_method": str(info.method),
+        "mask_template": str(info.template),  # set scope: the template the mask came from
+        "mask_scope": info.scope,
+        "hidden_ratio": repr(info.hidden_ratio),
+        "registration_run_id": run.info.run_id,
+    }
+    result = register_version(classifier, name, accuracy=accuracy, gate_passed=bool(gate["passed"]), tags=tags)
+    log.info(
+        "registered %s version %s (%s); champion %s: %s",
+        name,
+        result["version"],
+        CHALLENGER,
+        "moved to it" if result["champion"] else "unchanged",
+        result["why"],
+    )
+    return {
+        "version": result["version"],
+        "champion": result["champion"],
+        "gate_passed": bool(gate["passed"]),
+        "accuracy": accuracy,
+    }
