@@ -79,18 +79,7 @@ def run_point(settings: dict[str, Any], variants: list[str], root: str, device: 
         options = VARIANTS[name]
         seed_everything(params.seed)
         model = MaskNet(build_backbone(cfg.backbone, x_train.shape[1], int(train.labels.max()) + 1), **options)
-        train_classifier(
-            model,
-            x_train,
-            train.labels,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            seed=params.seed,
-            device=torch_device,
-            name=name,
-        )
+        train_classifier(model, x_train, train.labels, cfg, seed=params.seed, device=torch_device, name=name)
         row[f"v:{name}"] = float((predict(model, x_test, torch_device) == test.labels).mean())
     row["wall_seconds"] = round(time.perf_counter() - start, 1)
     print(

@@ -11,13 +11,14 @@ from typer.testing import CliRunner
 
 from conftest import copy_project, tiny_params
 from desensitize import inpainting, privacy
-from desensitize.attack_suite import attack_suite
+from desensitize.attack_suite import Target, attack_suite
 from desensitize.cli import app
-from desensitize.config import GateThresholds, parse_params
+from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
 from desensitize.masks import apply_mask
 from desensitize.paths import Paths
-from desensitize.stages.attack import run_attack
+from desensitize.release import ReleasedSplit
+from desensitize.stages.attack import _attacker_data, run_attack
 from desensitize.stages.masks import generate_masks
 
 CPU = torch.device("cpu")
@@ -30,13 +31,11 @@ def _center_mask() -> np.ndarray:
     return mask
 
 
-def _constant_classifier() -> nn.Module:
+class _Constant(nn.Module):
     """Predicts class 0 whatever the image: recognition recovery is exactly 0."""
-    model = nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 2))
-    with torch.no_grad():
-        model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
-    return model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[1.0, 0.0]]).expand(len(x), -1)
 
 
 def _gradients(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -51,43 +50,116 @@ def _noise(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, 256, (n, 1, SIZE, SIZE), dtype=np.uint8)
 
 
-def _suite(make) -> dict:
-    rng = np.random.default_rng(0)
-    raw, public = make(rng, N), make(rng, 256)
-    masks = np.broadcast_to(_center_mask(), (N, SIZE, SIZE)).copy()
+LEARNED = {"widths": [8], "max_epochs": 3, "patience": 2, "batch_size": 32, "data_shares": []}
+
+
+def _attack(raw, public, masks, labels=None, public_labels=None, classes=1, **attack) -> dict:
+    labels = np.zeros(len(raw), dtype=np.int64) if labels is None else labels
+    public_labels = np.zeros(len(public), dtype=np.int64) if public_labels is None else public_labels
     released = apply_mask(raw, masks, np.zeros((1, 1, 1, 1), dtype=np.uint8))
-    params = parse_params({"attack": {"learned": {"epochs": 3, "width": 8, "batch_size": 32}}})
+    cfg = parse_params({"attack": {"learned": LEARNED, **attack}}).attack
     return attack_suite(
-        released,
-        masks,
-        raw,
-        np.zeros(N, dtype=np.int64),
-        public,
-        "zero",
-        [0],
-        params,
-        _constant_classifier(),
-        CPU,
+        Target(released, masks, raw, labels),
+        inpainting.public_data(public, public_labels),
+        inpainting.release_fill("zero", [0], 0),
+        cfg,
+        num_classes=classes,
+        model=_Constant(),
+        device=CPU,
+        seed=0,
     )
+
+
+def _suite(make, n: int = N) -> dict:
+    rng = np.random.default_rng(0)
+    raw, public = make(rng, n), make(rng, 256)
+    return _attack(raw, public, np.broadcast_to(_center_mask(), (n, SIZE, SIZE)).copy())
 
 
 def test_gate_fails_where_the_hidden_region_continues_the_visible_part():
     result = _suite(_gradients)
-    verdict = privacy.gate(result["attackers"], GateThresholds())
+    verdict = privacy.gate(result["attackers"], result["limits"])
     assert not verdict["passed"]
     broken = {(v["attacker"], v["score"]) for v in verdict["violations"]}
-    assert ("biharmonic", "psnr_gain") in broken and ("biharmonic", "linkage_top1") in broken
+    assert ("biharmonic", "psnr_gain") in broken and ("biharmonic", "linkage_within_class") in broken
     assert result["attackers"]["biharmonic"]["psnr_gain"] > 10
 
 
 def test_gate_passes_where_hidden_content_is_independent_noise():
-    result = _suite(_noise)
-    verdict = privacy.gate(result["attackers"], GateThresholds())
+    result = _suite(_noise, n=200)
+    verdict = privacy.gate(result["attackers"], result["limits"])
     assert verdict["passed"], verdict["violations"]
+    assert result["linkage_within_class_chance"] == pytest.approx(1 / 20)
     for scores in result["attackers"].values():
-        assert scores["psnr_gain"] < 1.0
-        assert scores["linkage_top1"] <= 4 / N
-        assert scores["recognition_recovery"] == 0
+        assert scores["judged"]["psnr_gain"] < 1.0
+        assert scores["recognition_recovery"] == 0 and scores["recognition_recovery_interval"] == (0.0, 0.0)
+
+
+def test_a_sample_too_small_to_show_privacy_fails_safe():
+    """Noise again, but 20 images: with 1 chance hit expected, the linkage interval cannot rule out
+    3x chance, so the gate fails although no attacker learns anything."""
+    result = _suite(_noise, n=20)
+    verdict = privacy.gate(result["attackers"], result["limits"])
+    assert not verdict["passed"]
+    assert {v["score"] for v in verdict["violations"]} == {"linkage_within_class"}
+    assert all(v["point"] <= v["threshold"] < v["value"] for v in verdict["violations"])
+
+
+def test_images_equal_to_their_class_mean_give_no_gain_over_the_class_mean_guess():
+    rng = np.random.default_rng(3)
+    patterns = rng.integers(0, 256, (2, 1, SIZE, SIZE), dtype=np.uint8)  # one image per class, repeated
+    labels, public_labels = np.arange(40) % 2, np.arange(60) % 2
+    masks = np.broadcast_to(_center_mask(), (40, SIZE, SIZE)).copy()
+    result = _attack(patterns[labels], patterns[public_labels], masks, labels, public_labels, classes=2)
+    assert result["best_blind"] == "class_mean_fill"
+    assert result["blind"]["class_mean_fill"]["psnr_hidden"] == privacy.PSNR_CAP
+    for name, scores in result["attackers"].items():
+        assert scores["psnr_gain"] <= 0 and scores["psnr_gain_interval"][1] <= 0, name
+
+
+def _mirrored(rng: np.random.Generator, n: int) -> np.ndarray:
+    """8x8 images whose right half mirrors the left (random 2x2 blocks): the hidden right half is
+    predictable, but only an attacker that saw enough images learns how."""
+    left = rng.integers(0, 256, (n, 1, 4, 2), dtype=np.uint8).repeat(2, axis=2).repeat(2, axis=3)
+    return np.concatenate([left, left[..., ::-1]], axis=3)
+
+
+def test_more_attacker_data_that_helps_is_projected_and_the_gate_fails_safe():
+    rng = np.random.default_rng(5)
+    raw, public = _mirrored(rng, 200), _mirrored(rng, 640)
+    mask = np.ones((8, 8), dtype=np.uint8)
+    mask[:, 4:] = 0
+    learned = {**LEARNED, "max_epochs": 30, "patience": 5, "data_shares": [0.05, 0.2]}
+    result = _attack(raw, public, np.broadcast_to(mask, (200, 8, 8)).copy(), attackers=["learned"], learned=learned)
+    scaling = result["learned"]["scaling"]
+    counts = [point["images"] for point in scaling["points"]]
+    assert counts == sorted(counts) and counts[-1] == 576  # 90% of 640, the rest held out
+    gains = [point["scores"]["psnr_gain"] for point in scaling["points"]]
+    assert gains[-1] > gains[0] + 1, gains  # more data clearly helps
+    fit = scaling["fits"]["psnr_gain"]
+    assert not fit["flat"] and fit["slope_per_doubling"] > 0 and fit["added"] > 0
+    learned_scores = result["attackers"]["learned"]
+    upper = learned_scores["psnr_gain_interval"][1]
+    assert learned_scores["judged"]["psnr_gain"] == pytest.approx(upper + fit["added"])
+    # A threshold the measured interval clears but the projected attacker does not: the gate fails.
+    limits = {**result["limits"], "psnr_gain": upper + fit["added"] / 2, "linkage_within_class": 1.0}
+    verdict = privacy.gate(result["attackers"], limits)
+    assert [(v["attacker"], v["score"]) for v in verdict["violations"]] == [("learned", "psnr_gain")]
+
+
+def test_an_attacker_on_the_release_learns_only_from_visible_pixels():
+    """A released image (known where visible) re-masked with another released mask: the input shows
+    what both masks leave visible; the loss counts what it knows but the second mask hides."""
+    images = np.full((1, 1, 2, 2), 200, dtype=np.uint8)
+    known = np.array([[[1, 1], [1, 0]]], dtype=np.uint8)
+    draw = np.array([[[1, 0], [0, 0]]], dtype=np.uint8)
+    model = inpainting.UNet(1, 4)
+    x, y, weight = inpainting._batch(
+        inpainting.AttackerData(images, known, np.zeros(1, dtype=np.int64)), draw, np.zeros((1, 1, 1, 1)), model, CPU
+    )
+    np.testing.assert_array_equal(x[0, 1].numpy(), [[1, 0], [0, 0]])  # the mask channel: known and drawn
+    np.testing.assert_allclose(x[0, 0].numpy(), [[200 / 255, 0], [0, 0]], rtol=1e-6)
+    np.testing.assert_array_equal(weight[0, 0].numpy(), [[0, 1], [1, 0]])
 
 
 def test_only_hidden_pixels_count():
@@ -124,22 +196,28 @@ def test_classical_attackers_keep_visible_pixels_and_restore_a_flat_image():
 def _project(tiny_project, tmp_path: Path, **attack) -> tuple[object, Paths]:
     paths = copy_project(tiny_project, tmp_path / "project")
     base = tiny_params().model_dump(mode="json")
-    base["attack"] = {"sample": 100, "learned": {"epochs": 2, "width": 8}, **attack}
+    learned = {"widths": [8], "max_epochs": 2, "patience": 1, "data_shares": [0.5]}
+    base["attack"] = {"sample": 100, "learned": learned, **attack}
     params = parse_params(base)
     generate_masks(params, paths, device="cpu")
     return params, paths
 
 
 def test_failed_gate_stops_the_stage_with_the_broken_threshold_named(tiny_project, tmp_path: Path):
-    params, paths = _project(tiny_project, tmp_path, thresholds={"max_psnr_gain": 0, "max_linkage_top1": 0})
-    with pytest.raises(DesensitizeError, match=r"privacy gate FAILED: .*linkage_top1 .* > 0 .*release blocked"):
+    params, paths = _project(tiny_project, tmp_path, thresholds={"max_psnr_gain": 0, "max_linkage_x_chance": 1})
+    with pytest.raises(
+        DesensitizeError,
+        match=r"privacy gate FAILED: .*linkage_within_class .* > .*x within-class chance.*release blocked",
+    ):
         run_attack(params, paths, device="cpu")
     metrics = json.loads(paths.attack_metrics.read_text())  # the failure is recorded, not silent
     assert metrics["gate"]["passed"] is False and metrics["gate"]["overridden"] is False
     assert metrics["gate"]["violations"]
     assert set(metrics["attackers"]) == {"telea", "navier_stokes", "biharmonic", "learned"}
+    assert set(metrics["blind"]) == {"mean_fill", "class_mean_fill"}
     assert metrics["linkage_chance"] == 1 / 100
-    for figure in ("grid.png", "cell_restoration.png"):
+    assert metrics["learned"]["width"] == 8 and len(metrics["learned"]["scaling"]["points"]) == 2
+    for figure in ("grid.png", "cell_restoration.png", "scaling.png"):
         assert (paths.attack_reports / figure).read_bytes()[:4] == b"\x89PNG"
     cells = np.load(paths.attack_reports / "cell_restoration.npy")
     assert cells.shape == (4, 4)  # 8x8 digits, 2-pixel cells
@@ -147,7 +225,7 @@ def test_failed_gate_stops_the_stage_with_the_broken_threshold_named(tiny_projec
 
 def test_enforce_false_records_the_override_and_goes_on(tiny_project, tmp_path: Path, monkeypatch):
     params, paths = _project(
-        tiny_project, tmp_path, thresholds={"max_linkage_top1": 0}, enforce=False, attackers=["telea"]
+        tiny_project, tmp_path, thresholds={"max_linkage_x_chance": 1}, enforce=False, attackers=["telea"]
     )
     metrics = run_attack(params, paths, device="cpu")
     assert metrics["gate"]["passed"] is False and metrics["gate"]["overridden"] is True
@@ -158,3 +236,14 @@ def test_enforce_false_records_the_override_and_goes_on(tiny_project, tmp_path: 
     summary = CliRunner().invoke(app, ["summary"])
     assert summary.exit_code == 0
     assert "best attacker telea" in summary.output and "overridden by attack.enforce: false" in summary.output
+
+
+def test_per_image_masks_give_the_attacker_the_release_itself():
+    public = inpainting.public_data(np.zeros((3, 1, 4, 4), np.uint8), np.zeros(3, np.int64))
+    masks = np.random.default_rng(0).integers(0, 2, (2, 4, 4)).astype(np.uint8)
+    released = ReleasedSplit(np.full((2, 1, 4, 4), 9, np.uint8), np.ones(2, np.int64), masks)
+    data = _attacker_data(public, released, "image", release_data=True)
+    assert len(data.images) == 5
+    np.testing.assert_array_equal(data.known[3:], masks)  # it knows the released pixels where visible only
+    assert len(_attacker_data(public, released, "set", release_data=True).images) == 3  # one mask: nothing to add
+    assert len(_attacker_data(public, released, "image", release_data=False).images) == 3

@@ -150,12 +150,12 @@ def test_failed_gate_fails_the_run_and_pushes_nothing(flow_project, tmp_path: Pa
     remote = flow_project[1]
     before = _files(remote)
     registered = _mlflow_runs("tags.`desensitize.stage` = 'register'")
-    state = run_flow(project, overrides={"attack.thresholds.max_linkage_top1": 0})
+    state = run_flow(project, overrides={"attack.thresholds.max_linkage_x_chance": 1})
 
     assert state.is_failed()
-    assert "privacy gate FAILED" in state.message and "linkage_top1" in state.message
+    assert "privacy gate FAILED" in state.message and "linkage_within_class" in state.message
     assert _files(remote) == before
-    assert yaml.safe_load((project / "params.yaml").read_text())["attack"]["thresholds"]["max_linkage_top1"] == 0
+    assert yaml.safe_load((project / "params.yaml").read_text())["attack"]["thresholds"]["max_linkage_x_chance"] == 1
     # Not recorded as done: attack, and register, which lists attack.* among its params too.
     assert set(json.loads(_dvc(project, "status", "--json").stdout)) == {"attack", "register"}
     assert "FAILED" in _report(state)

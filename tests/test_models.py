@@ -60,13 +60,19 @@ def test_device_choice():
 
 @pytest.mark.gpu
 def test_reference_training_runs_on_cuda():
+    from desensitize.config import ClassifierParams
     from desensitize.training import predict, train_classifier
 
     images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8).numpy()
     labels = (images.reshape(64, -1).mean(1) > 127.5).astype("int64")
     model = build_backbone("small_cnn", 1, 2)
     train_classifier(
-        model, images, labels, epochs=1, batch_size=16, lr=1e-3, weight_decay=0, seed=0, device=torch.device("cuda")
+        model,
+        images,
+        labels,
+        ClassifierParams(epochs=1, batch_size=16, lr=1e-3, weight_decay=0),
+        seed=0,
+        device=torch.device("cuda"),
     )
     assert next(model.parameters()).is_cuda
     assert predict(model, images, torch.device("cuda")).shape == (64,)

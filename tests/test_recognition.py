@@ -3,6 +3,7 @@ from __future__ import annotations
 import builtins
 import io
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from conftest import copy_project, tiny_params
 from desensitize.checkpoints import build_model
+from desensitize.config import ClassifierParams
 from desensitize.inference import MaskedClassifier
 from desensitize.masknet import MaskNet, with_mask_channel
 from desensitize.models import build_backbone
@@ -54,10 +56,7 @@ def test_masknet_training_lowers_the_loss_on_a_tiny_set():
         model,
         with_mask_channel(images * masks[:, None], masks),
         labels.astype(np.int64),
-        epochs=4,
-        batch_size=32,
-        lr=3e-3,
-        weight_decay=0,
+        ClassifierParams(epochs=4, batch_size=32, lr=3e-3, weight_decay=0),
         seed=0,
         device=torch.device("cpu"),
     )
@@ -118,3 +117,10 @@ def test_pipeline_models_evaluate_and_inference_masks_new_images(tiny_project, t
         np.testing.assert_array_equal(masked, released_test.images)
         accuracy = (classifier.predict(raw_test.images) == raw_test.labels).mean()
         assert accuracy == pytest.approx(metrics["accuracy"][name])
+
+        # A version registered before release.json had a typed model pickled its info as a dict.
+        old = pickle.loads(pickle.dumps(classifier))
+        old.info = classifier.info.model_dump(mode="json")
+        restored = pickle.loads(pickle.dumps(old))
+        assert restored.info == classifier.info
+        np.testing.assert_array_equal(restored.predict(raw_test.images), classifier.predict(raw_test.images))

@@ -13,7 +13,10 @@ def _metrics(root: Path) -> Paths:
     paths = Paths(root)
     paths.metrics.mkdir()
     paths.reference_metrics.write_text(json.dumps({"test_accuracy": 0.9512, "epochs": 2, "device": "cpu"}))
-    gate = {"passed": False, "message": "privacy gate FAILED: learned linkage_top1 0.4 > 0.3 (release blocked)"}
+    gate = {
+        "passed": False,
+        "message": "privacy gate FAILED: learned linkage_within_class 0.4 > 0.15 (release blocked)",
+    }
     paths.attack_metrics.write_text(json.dumps({"attackers": {"learned": {"psnr_gain": 5.25}}, "gate": gate}))
     return paths
 
@@ -25,7 +28,7 @@ def test_report_has_metrics_verdict_and_outcome(tmp_path: Path):
     assert "| reference.json | epochs | 2 |" in report
     assert "| attack.json | attackers.learned.psnr_gain | 5.25 |" in report
     assert "| masks.json | (not written yet) | |" in report
-    assert "**Privacy gate:** FAILED: privacy gate FAILED: learned linkage_top1 0.4 > 0.3" in report
+    assert "**Privacy gate:** FAILED: privacy gate FAILED: learned linkage_within_class 0.4 > 0.15" in report
     assert "**Outcome:** FAILED" in report and "**Stages run:** attack" in report
     assert "MLflow" not in report  # no link slot filled without a run
 

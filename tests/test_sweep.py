@@ -20,7 +20,7 @@ def test_sweep_writes_one_row_per_point_and_the_frontier(tmp_path: Path):
                 update={
                     "sample": 100,
                     "attackers": ["telea", "learned"],
-                    "learned": params.attack.learned.model_copy(update={"epochs": 1, "width": 4}),
+                    "learned": params.attack.learned.model_copy(update={"widths": [4], "max_epochs": 1, "patience": 1}),
                 }
             ),
         }
@@ -45,7 +45,7 @@ def test_sweep_writes_one_row_per_point_and_the_frontier(tmp_path: Path):
         ("image", "random"),
     }
     for row in rows:
-        assert 0 <= row["masknet"] <= 1 and row["hidden_pixels"] == 0.5 and "linkage_top1" in row
+        assert 0 <= row["masknet"] <= 1 and row["hidden_pixels"] == 0.5 and "linkage_within_class" in row
     summary = (tmp_path / "summary.md").read_text()
     assert "| image | 0.5 | saliency | 1 |" in summary
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from desensitize.config import ClassifierParams
 from desensitize.models import build_backbone
 from desensitize.training import accuracy_report, predict, seed_everything, train_classifier
 
@@ -22,7 +23,12 @@ def _train(seed: int):
     seed_everything(seed)
     model = build_backbone("small_cnn", 1, 2)
     history = train_classifier(
-        model, images, labels, epochs=3, batch_size=32, lr=3e-3, weight_decay=0, seed=seed, device=torch.device("cpu")
+        model,
+        images,
+        labels,
+        ClassifierParams(epochs=3, batch_size=32, lr=3e-3, weight_decay=0),
+        seed=seed,
+        device=torch.device("cpu"),
     )
     return model, history
 

@@ -1,81 +1,268 @@
-"""The attack suite: every configured attacker on a sample of released images, scored against the
-raw originals over hidden pixels only (desensitize.privacy)."""
+"""The attack suite: every configured attacker on a sample of released images, scored against the raw
+originals over hidden pixels only (desensitize.privacy), each score with its confidence interval.
+
+The learned attacker is trained to its limit (desensitize.inpainting.train_learned) at each width of
+`attack.learned.widths`; the width with the lowest held-out loss is the attacker. Its data-scaling
+curve (the same attacker on shares of its training images) says whether more attacker data would
+help: unless a score is flat, the gate judges it extrapolated to `attack.assumed_attacker_images`.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from desensitize import inpainting, privacy
-from desensitize.config import Params
+from desensitize.config import AttackParams, GateThresholds
+from desensitize.inpainting import AttackerData, TrainedAttacker
 from desensitize.training import predict, to_float
 
 SAMPLE_STREAM = 11
+HOLDOUT_STREAM = 12
+BLIND = ("mean_fill", "class_mean_fill")
+GATED = ("psnr_gain", "linkage_within_class", "recognition_recovery")
 
 
-def attack_suite(
-    released: np.ndarray,
-    masks: np.ndarray,
-    raw: np.ndarray,
-    labels: np.ndarray,
-    public: np.ndarray,
-    fill: str,
-    fill_value: list[int],
-    params: Params,
-    model: torch.nn.Module,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Run every configured attacker on (released, masks); score against raw (uint8 arrays)."""
-    cfg = params.attack
-    truth = to_float(raw).numpy()
-    public_mean = to_float(public).mean(dim=0).numpy()
+@dataclass(frozen=True)
+class Target:
+    """The attacked sample: released images with their masks, the raw originals and the labels."""
 
-    def accuracy(images: np.ndarray) -> float:
-        return float((predict(model, images, device) == labels).mean())
-
-    released_accuracy = accuracy(released)
-    reconstructions: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
-    for name in ("mean_fill", *cfg.attackers):
-        start = time.perf_counter()
-        if name == "mean_fill":
-            out = inpainting.mean_fill(released, masks, public_mean)
-        elif name == "learned":
-            fill_fn = inpainting.release_fill(fill, fill_value, params.seed)
-            unet = inpainting.train_learned(public, masks, fill_fn, cfg.learned, seed=params.seed, device=device)
-            out = inpainting.learned(unet, released, masks, device)
-        else:
-            out = inpainting.classical(name, released, masks, cfg.inpaint_radius)
-        seconds[name] = time.perf_counter() - start
-        reconstructions[name] = out
-
-    blind_psnr = privacy.psnr_hidden(reconstructions["mean_fill"], truth, masks)
-    scores = {}
-    for name, out in reconstructions.items():
-        psnr = privacy.psnr_hidden(out, truth, masks)
-        scores[name] = {
-            "psnr_hidden": psnr,
-            "psnr_gain": psnr - blind_psnr,
-            "ssim_hidden": privacy.ssim_hidden(out, truth, masks),
-            "linkage_top1": privacy.linkage_top1(out, truth, masks),
-            "recognition_recovery": accuracy(out) - released_accuracy,
-            "seconds": round(seconds[name], 2),
-        }
-    attackers = {name: s for name, s in scores.items() if name != "mean_fill"}
-    best = max(attackers, key=lambda name: (attackers[name]["psnr_gain"], attackers[name]["linkage_top1"]))
-    return {
-        "attackers": attackers,
-        "mean_fill": scores["mean_fill"],
-        "best_attacker": best,
-        "hidden_information": privacy.hidden_information(truth, masks, truth.mean(axis=0)),
-        "linkage_chance": 1 / len(raw),
-        "reconstructions": reconstructions,
-    }
+    released: np.ndarray  # uint8 (N, C, H, W)
+    masks: np.ndarray  # uint8 (N, H, W)
+    raw: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
 
 
 def sample_indices(n: int, sample: int, seed: int) -> np.ndarray:
     """The released train images attacked: a seeded sample, sorted (MLflow logs its digest)."""
     return np.sort(np.random.default_rng([seed, SAMPLE_STREAM]).choice(n, min(sample, n), replace=False))
+
+
+def limits(thresholds: GateThresholds, linkage_chance: float) -> dict[str, float]:
+    """Each gated score's threshold in the score's own units."""
+    return {
+        "psnr_gain": thresholds.max_psnr_gain,
+        "linkage_within_class": thresholds.max_linkage_x_chance * linkage_chance,
+        "recognition_recovery": thresholds.max_recognition_recovery,
+    }
+
+
+class Scorer:
+    """Scores reconstructions of one target against its originals, each score with its interval; PSNR
+    gain is over the better (on average) of the blind references built from the attacker's fully known
+    images: `mean_fill` and the label-aware `class_mean_fill`."""
+
+    def __init__(
+        self,
+        target: Target,
+        attacker: AttackerData,
+        cfg: AttackParams,
+        *,
+        num_classes: int,
+        model: torch.nn.Module,
+        device: torch.device,
+        seed: int,
+    ) -> None:
+        self.target, self.model, self.device, self.cfg, self.seed = target, model, device, cfg, seed
+        self.truth = to_float(target.raw).numpy()
+        public = attacker.take(np.flatnonzero(attacker.known.all(axis=(1, 2))))
+        public_float = to_float(public.images).numpy()
+        class_means = privacy.class_mean_images(public_float, public.labels, num_classes)
+        self.blind = {
+            "mean_fill": inpainting.mean_fill(target.released, target.masks, public_float.mean(axis=0)),
+            "class_mean_fill": inpainting.class_mean_fill(target.released, target.masks, target.labels, class_means),
+        }
+        blind_psnr = {name: self.psnr(out) for name, out in self.blind.items()}
+        self.best_blind = max(BLIND, key=lambda name: blind_psnr[name].mean())
+        self.blind_psnr = blind_psnr[self.best_blind]
+        # Recognition recovery is over what the reference model recognises without any restoring: the
+        # released image or, if it does better (the release carries labels, and a label-aware blind guess
+        # hands the model part of the label), the blind guess.
+        self.baseline_correct = max(
+            (self._correct(target.released), self._correct(self.blind[self.best_blind])), key=np.mean
+        )
+        self.linkage_within_class_chance = privacy.linkage_chance(len(target.labels), target.labels, cfg.gallery)
+
+    def _correct(self, images: np.ndarray) -> np.ndarray:
+        return (predict(self.model, images, self.device) == self.target.labels).astype(np.float64)
+
+    def psnr(self, reconstruction: np.ndarray) -> np.ndarray:
+        return privacy.psnr_per_image(reconstruction, self.truth, self.target.masks)
+
+    def __call__(self, reconstruction: np.ndarray) -> dict[str, Any]:
+        t, level = self.target, self.cfg.confidence
+        psnr = self.psnr(reconstruction)
+        gain = psnr - self.blind_psnr
+        hits_all = privacy.linkage_hits(reconstruction, self.truth, t.masks)
+        hits_class = privacy.linkage_hits(
+            reconstruction, self.truth, t.masks, groups=t.labels, gallery_size=self.cfg.gallery, seed=self.seed
+        )
+        recovery = self._correct(reconstruction) - self.baseline_correct
+        return {
+            "psnr_hidden": float(psnr.mean()),
+            "psnr_gain": float(gain.mean()),
+            "psnr_gain_interval": privacy.bootstrap_interval(gain, level, seed=self.seed),
+            "ssim_hidden": privacy.ssim_hidden(reconstruction, self.truth, t.masks),
+            "linkage_top1": float(hits_all.mean()),
+            "linkage_top1_interval": privacy.wilson_interval(int(hits_all.sum()), len(hits_all), level),
+            "linkage_within_class": float(hits_class.mean()),
+            "linkage_within_class_interval": privacy.wilson_interval(int(hits_class.sum()), len(hits_class), level),
+            "recognition_recovery": float(recovery.mean()),
+            "recognition_recovery_interval": privacy.bootstrap_interval(recovery, level, seed=self.seed),
+        }
+
+
+def split_attacker_data(data: AttackerData, holdout: float, seed: int) -> tuple[AttackerData, AttackerData]:
+    """Seeded (train, held-out) parts of the attacker's images; both keep at least one image."""
+    n = len(data.images)
+    n_held = min(max(1, round(holdout * n)), n - 1)
+    order = np.random.default_rng([seed, HOLDOUT_STREAM]).permutation(n)
+    return data.take(order[n_held:]), data.take(order[:n_held])
+
+
+def share_of(train: AttackerData, share: float, seed: int) -> AttackerData:
+    """The first `share` of a seeded order of the attacker's training images: a larger share holds
+    every image of a smaller one, so the data-scaling curve only ever adds data."""
+    order = np.random.default_rng([seed, HOLDOUT_STREAM, 1]).permutation(len(train.images))
+    return train.take(order[: max(1, round(share * len(order)))])
+
+
+def attack_suite(
+    target: Target,
+    attacker: AttackerData,
+    fill: Callable[[tuple[int, ...], int], np.ndarray],
+    cfg: AttackParams,
+    *,
+    num_classes: int,
+    model: torch.nn.Module,
+    device: torch.device,
+    seed: int,
+    widths: list[int] | None = None,
+    epochs: int | None = None,
+    scaling: bool = True,
+) -> dict[str, Any]:
+    """Run every configured attacker on `target`; `attacker` is what the learned attacker trains on
+    (its fully known images also give the blind references). `widths` overrides the candidate widths
+    and `epochs` sets a fixed budget instead of training to the held-out optimum; `scaling` runs the
+    data-scaling curve and judges the learned attacker's scores against it."""
+    score = Scorer(target, attacker, cfg, num_classes=num_classes, model=model, device=device, seed=seed)
+    reconstructions = dict(score.blind)
+    seconds = dict.fromkeys(BLIND, 0.0)
+    learned_record: dict[str, Any] = {}
+    for name in cfg.attackers:
+        start = time.perf_counter()
+        if name == "learned":
+            out, learned_record = _learned(
+                target, attacker, fill, cfg, num_classes, device, seed, widths, epochs, score, scaling
+            )
+        else:
+            out = inpainting.classical(name, target.released, target.masks, cfg.inpaint_radius)
+        seconds[name] = time.perf_counter() - start
+        reconstructions[name] = out
+
+    chance = score.linkage_within_class_chance
+    bounds = limits(cfg.thresholds, chance)
+    scores = {}
+    for name, out in reconstructions.items():
+        scores[name] = {**score(out), "seconds": round(seconds[name], 2)}
+        if name not in BLIND:
+            scores[name]["judged"] = {s: scores[name][f"{s}_interval"][1] for s in GATED}
+    if "learned" in scores and learned_record.get("scaling"):
+        _judge_scaling(scores["learned"], learned_record["scaling"], bounds, cfg)
+        learned_record["scaling"]["judged"] = scores["learned"]["judged"]
+    attackers = {name: s for name, s in scores.items() if name not in BLIND}
+    best = max(attackers, key=lambda name: max(attackers[name]["judged"][s] / _unit(bounds[s]) for s in GATED))
+    return {
+        "attackers": attackers,
+        "blind": {name: scores[name] for name in BLIND},
+        "best_blind": score.best_blind,
+        "best_attacker": best,
+        "learned": learned_record or None,
+        "hidden_information": privacy.hidden_information(score.truth, target.masks, score.truth.mean(axis=0)),
+        "linkage_chance": 1 / len(target.labels),
+        "linkage_within_class_chance": chance,
+        "limits": bounds,
+        "reconstructions": reconstructions,
+    }
+
+
+def _unit(limit: float) -> float:
+    return max(abs(limit), 1e-6)
+
+
+def _learned(
+    target: Target,
+    attacker: AttackerData,
+    fill: Callable[[tuple[int, ...], int], np.ndarray],
+    cfg: AttackParams,
+    num_classes: int,
+    device: torch.device,
+    seed: int,
+    widths: list[int] | None,
+    epochs: int | None,
+    score: Scorer,
+    scaling: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Train the learned attacker at every width, keep the one with the lowest held-out loss, and with
+    `scaling` train it again on shares of its data; returns its reconstruction and the record."""
+    train, held_out = split_attacker_data(attacker, cfg.learned.holdout, seed)
+
+    def fit(data: AttackerData, width: int) -> TrainedAttacker:
+        return inpainting.train_learned(
+            data,
+            held_out,
+            target.masks,
+            fill,
+            cfg.learned,
+            width=width,
+            num_classes=num_classes,
+            seed=seed,
+            device=device,
+            epochs=epochs,
+        )
+
+    def attack(trained: TrainedAttacker) -> np.ndarray:
+        return inpainting.learned(trained.model, target.released, target.masks, target.labels, device)
+
+    trained = {width: fit(train, width) for width in widths or cfg.learned.widths}
+    chosen = min(trained.values(), key=lambda t: (t.held_out_mse, t.width))
+    out = attack(chosen)
+    record: dict[str, Any] = {"width": chosen.width, "widths": {str(w): t.record() for w, t in trained.items()}}
+    if scaling and cfg.learned.data_shares:
+        points = []
+        for share in sorted(cfg.learned.data_shares):
+            part = fit(share_of(train, share, seed), chosen.width)
+            points.append({**part.record(), "scores": _curve_scores(score(attack(part)))})
+        points.append({**chosen.record(), "scores": _curve_scores(score(out))})
+        record["scaling"] = {"points": points}
+    return out, record
+
+
+def _judge_scaling(scores: dict[str, Any], curve: dict[str, Any], bounds: dict[str, float], cfg: AttackParams) -> None:
+    """Score every point of the learned attacker's data-scaling curve; where a gated score still grows
+    by more than `attack.saturation_tolerance` of its threshold per doubling of the data, judge it at
+    the upper end of its interval plus what the log-linear fit adds up to the assumed attacker budget."""
+    points = curve["points"]
+    counts = [point["images"] for point in points]
+    curve["assumed_attacker_images"] = cfg.assumed_attacker_images
+    curve["fits"] = {}
+    if len(set(counts)) < 2:  # too few images to draw shares from: judged as measured
+        return
+    for s in GATED:
+        values = [point["scores"][s] for point in points]
+        fit = privacy.saturation(counts, values)
+        flat = fit["slope_per_doubling"] <= cfg.saturation_tolerance * _unit(bounds[s])
+        projected = privacy.extrapolate(counts, values, cfg.assumed_attacker_images)
+        added = 0.0 if flat else max(0.0, projected - values[-1])
+        curve["fits"][s] = {**fit, "flat": flat, "projected": projected, "added": added}
+        judged = scores[f"{s}_interval"][1] + added
+        scores["judged"][s] = judged if s == "psnr_gain" else min(judged, 1.0)  # shares cannot pass 1
+
+
+def _curve_scores(scores: dict[str, Any]) -> dict[str, float]:
+    return {s: scores[s] for s in (*GATED, "linkage_top1")}

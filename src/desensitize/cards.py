@@ -18,19 +18,34 @@ from desensitize.storage import atomic_path, read_json
 
 def _gate_lines(attack: dict[str, Any], params: Params) -> list[str]:
     t = params.attack.thresholds
+    level = f"{attack['confidence']:.0%}"
     lines = [
         f"Privacy gate ({'enforced' if attack['gate']['enforced'] else 'not enforced: attack.enforce is false'}): "
         f"**{attack['gate']['message']}**.",
         "",
-        f"Thresholds: PSNR gain over a blind guess <= {t.max_psnr_gain:g} dB, linkage top-1 <= "
-        f"{t.max_linkage_top1:g} (chance {attack['linkage_chance']:.4f}), recognition recovery <= "
-        f"{t.max_recognition_recovery:g}. Sample: {attack['sample']} released train images.",
+        f"Thresholds, compared with the upper end of each score's {level} interval (for the learned attacker "
+        f"plus what its data-scaling curve projects at {params.attack.assumed_attacker_images} attacker images): "
+        f"PSNR gain over the best label-aware blind guess ({attack['best_blind']}) <= {t.max_psnr_gain:g} dB; "
+        f"top-1 linkage within class <= {t.max_linkage_x_chance:g} x chance "
+        f"({attack['linkage_within_class_chance']:.4f}); recognition recovery <= {t.max_recognition_recovery:g}. "
+        f"Sample: {attack['sample']} released train images.",
         "",
-        "| attacker | PSNR gain (dB) | linkage top-1 | recognition recovery |",
-        "|---|---|---|---|",
+        "| attacker | PSNR gain (dB) | linkage within class | linkage all | recognition recovery "
+        "| judged gain / within |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in attack["attackers"].items():
-        lines.append(f"| {name} | {s['psnr_gain']:+.2f} | {s['linkage_top1']:.3f} | {s['recognition_recovery']:+.3f} |")
+        cells = [
+            f"{s[key]:{fmt}} [{s[key + '_interval'][0]:{fmt}}, {s[key + '_interval'][1]:{fmt}}]"
+            for key, fmt in (
+                ("psnr_gain", "+.2f"),
+                ("linkage_within_class", ".3f"),
+                ("linkage_top1", ".3f"),
+                ("recognition_recovery", "+.3f"),
+            )
+        ]
+        judged = f"{s['judged']['psnr_gain']:+.2f} / {s['judged']['linkage_within_class']:.3f}"
+        lines.append(f"| {name} | {' | '.join(cells)} | {judged} |")
     lines += [
         "",
         f"Strongest attacker: {attack['best_attacker']}. Share of the images' content under the mask "

@@ -153,10 +153,13 @@ def summary() -> None:
     if paths.attack_metrics.is_file():
         a = read_json(paths.attack_metrics)
         best = a["attackers"][a["best_attacker"]]
+        gain, within = best["psnr_gain_interval"], best["linkage_within_class_interval"]
         lines.append(
-            f"attack     best attacker {a['best_attacker']}: PSNR gain {best['psnr_gain']:+.2f} dB, linkage "
-            f"{best['linkage_top1']:.3f} (chance {a['linkage_chance']:.3f}); "
-            f"hidden information {a['hidden_information']:.3f}"
+            f"attack     best attacker {a['best_attacker']}: PSNR gain {best['psnr_gain']:+.2f} dB "
+            f"[{gain[0]:+.2f}, {gain[1]:+.2f}] over {a['best_blind']}, linkage within class "
+            f"{best['linkage_within_class']:.3f} [{within[0]:.3f}, {within[1]:.3f}] (chance "
+            f"{a['linkage_within_class_chance']:.3f}); judged {best['judged']['psnr_gain']:+.2f} dB, "
+            f"{best['judged']['linkage_within_class']:.3f}; hidden information {a['hidden_information']:.3f}"
         )
         lines.append(f"gate       {a['gate']['message']}")
     if paths.evaluate_metrics.is_file():

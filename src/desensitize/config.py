@@ -94,23 +94,52 @@ class MaskParams(_Section):
 
 
 class LearnedAttackerParams(_Section):
-    epochs: int = Field(20, ge=1, le=1000)
-    width: int = Field(16, ge=4, le=256)
+    """The U-Net attacker, trained to its limit: until its hidden-pixel loss on a held-out share of its
+    own training images stops improving, at the width that reaches the lowest held-out loss."""
+
+    widths: list[int] = Field(default=[16, 32], min_length=1)  # candidate capacities (channels of the first level)
+    max_epochs: int = Field(100, ge=1, le=10_000)
+    patience: int = Field(10, ge=1, le=1000)  # epochs without a held-out improvement before it stops
+    holdout: float = Field(0.1, gt=0, lt=1)  # share of the attacker's training images held out
     batch_size: int = Field(64, ge=1, le=65_536)
     lr: float = Field(2e-3, gt=0, le=1)
+    # Shares of the attacker's training images for the data-scaling curve; 1.0 (all) is always run.
+    data_shares: list[float] = Field(default=[0.25, 0.5], max_length=8)
+    # Image-scope releases: also train on the release itself (visible pixels, re-masked with other
+    # released masks), as every recipient can.
+    release_data: bool = True
+
+    @model_validator(mode="after")
+    def _ranges(self) -> LearnedAttackerParams:
+        if any(not 4 <= w <= 256 for w in self.widths):
+            raise ValueError(f"widths {self.widths}: each must be in [4, 256]")
+        if any(not 0 < share < 1 for share in self.data_shares):
+            raise ValueError(f"data_shares {self.data_shares}: each must be in (0, 1); all the data is always used too")
+        return self
 
 
 class GateThresholds(_Section):
-    max_psnr_gain: float = Field(3.0, ge=0, le=100)  # dB over the blind mean_fill guess
-    max_linkage_top1: float = Field(0.3, ge=0, le=1)  # chance is 1 / attack.sample
-    max_recognition_recovery: float = Field(0.3, ge=-1, le=1)
+    """Judged on the upper end of each score's confidence interval (README: the privacy gate)."""
+
+    max_psnr_gain: float = Field(1.0, ge=0, le=100)  # dB of hidden-pixel PSNR over the best label-aware blind guess
+    max_linkage_x_chance: float = Field(3.0, ge=1, le=10_000)  # within-class top-1 linkage, as a multiple of chance
+    max_recognition_recovery: float = Field(0.3, ge=-1, le=1)  # reference accuracy: reconstructions minus released
 
 
 class AttackParams(_Section):
-    sample: int = Field(500, ge=2, le=100_000)  # released train images attacked (and the linkage gallery)
+    sample: int = Field(1000, ge=2, le=100_000)  # released train images attacked
+    # Within-class linkage: each reconstruction against its original and gallery - 1 other sampled
+    # images of its class (chance 1 / gallery).
+    gallery: int = Field(20, ge=2, le=100_000)
     attackers: list[Literal[ATTACKERS]] = Field(default=list(ATTACKERS), min_length=1)  # type: ignore[valid-type]
     inpaint_radius: int = Field(3, ge=1, le=64)
     learned: LearnedAttackerParams = LearnedAttackerParams()
+    # The attacker budget the verdict must hold for: unless the learned attacker's scores are flat in
+    # its data, they are extrapolated to this many training images (README: the privacy gate).
+    assumed_attacker_images: int = Field(20_000, ge=1, le=10**9)
+    # A score is flat when it grows by at most this share of its threshold per doubling of the data.
+    saturation_tolerance: float = Field(0.05, ge=0, le=1)
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # two-sided level of every interval the gate reads
     thresholds: GateThresholds = GateThresholds()
     enforce: bool = True  # false: record a failed gate but let the pipeline go on (an analyst's override)
 

@@ -82,6 +82,7 @@ STAGES: dict[str, Stage] = {
                 p.attack_metrics,
                 p.attack_reports / "summary.md",
                 p.attack_reports / "cell_restoration.png",
+                p.attack_reports / "scaling.png",
             ),
         ),
         Stage(

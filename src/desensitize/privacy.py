@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from desensitize.config import GateThresholds
 from desensitize.errors import DesensitizeError
 from desensitize.masks import cell_scores
 
@@ -79,23 +78,46 @@ def _check_groups(groups: np.ndarray | None, n: int) -> None:
         raise DesensitizeError(f"groups have shape {np.shape(groups)}; expected ({n},), one label per image")
 
 
+def galleries(n: int, groups: np.ndarray | None = None, size: int | None = None, seed: int = 0) -> np.ndarray:
+    """(N, N) bool: row i is image i's linkage gallery: i itself and the other images of its group (all
+    images without `groups`), cut to `size` images in all by a seeded draw. A fixed gallery size keeps
+    chance at 1/size however large the sample, so the count of chance hits, and the interval's
+    precision, grows with the sample."""
+    _check_groups(groups, n)
+    labels = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
+    member = labels[:, None] == labels[None, :]
+    if size is not None and size < n:
+        if size < 2:
+            raise DesensitizeError(f"gallery size {size}: need the original and at least one other image")
+        keys = np.random.default_rng(seed).random((n, n))
+        keys[~member] = np.inf
+        np.fill_diagonal(keys, -1.0)  # the original is always in its gallery
+        kth = np.partition(keys, size - 1, axis=1)[:, size - 1 : size]
+        member &= keys <= kth
+    return member
+
+
 def linkage_hits(
-    reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray, groups: np.ndarray | None = None
+    reconstruction: np.ndarray,
+    raw: np.ndarray,
+    masks: np.ndarray,
+    groups: np.ndarray | None = None,
+    gallery_size: int | None = None,
+    seed: int = 0,
 ) -> np.ndarray:
-    """(N,) bool: reconstruction i's own original is strictly the nearest raw image of the gallery, comparing
-    only i's hidden pixels (a tie is not a confident link). The gallery is all N raw images, or with `groups`
-    only those of i's group: a release carries labels, so an attacker need only compare within the class."""
+    """(N,) bool: reconstruction i's own original is strictly the nearest raw image of its gallery, comparing
+    only i's hidden pixels (a tie is not a confident link). The gallery (see `galleries`) is all N raw
+    images, or with `groups` only those of i's group: a release carries labels, so an attacker need only
+    compare within the class; `gallery_size` cuts it to a fixed size."""
     _check_scored(reconstruction, raw, masks)
     n = len(raw)
-    _check_groups(groups, n)
+    member = torch.from_numpy(galleries(n, groups, gallery_size, seed))
     h = torch.from_numpy((masks == 0)[:, None].repeat(raw.shape[1], axis=1).reshape(n, -1)).double()
     r = torch.from_numpy(reconstruction.reshape(n, -1)).double()
     g = torch.from_numpy(raw.reshape(n, -1)).double()
     # ||h_i * (r_i - g_j)||^2 for every pair, as matrix products.
     dist = (h * r * r).sum(1, keepdim=True) - 2 * (h * r) @ g.T + h @ (g * g).T
-    if groups is not None:
-        labels = np.asarray(groups)
-        dist[torch.from_numpy(labels[:, None] != labels[None, :])] = torch.inf
+    dist[~member] = torch.inf
     own = dist.diagonal()
     ties_or_better = (dist <= own[:, None] + 1e-9).sum(1)  # an exact tie is not a confident link
     return (ties_or_better == 1).numpy()
@@ -107,13 +129,17 @@ def linkage_top1(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray)
     return float(linkage_hits(reconstruction, raw, masks).mean())
 
 
-def linkage_chance(n: int, groups: np.ndarray | None = None) -> float:
-    """Expected linkage hit rate of a blind guess, the baseline linkage is judged against: 1/N over the whole
-    gallery; with `groups`, the mean over images of 1 / (size of the image's group), i.e. (number of groups) / N."""
+def linkage_chance(n: int, groups: np.ndarray | None = None, gallery_size: int | None = None) -> float:
+    """Expected linkage hit rate of a blind guess, the baseline linkage is judged against: the mean over
+    images of 1 / (size of the image's gallery); 1/N over the whole sample, (number of groups) / N with
+    `groups`, 1/gallery_size where every group holds at least that many images."""
     if n < 1:
         raise DesensitizeError(f"linkage chance of a gallery of {n} images: need at least one image")
     _check_groups(groups, n)
-    return (1 if groups is None else len(np.unique(groups))) / n
+    labels = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    sizes = counts[inverse] if gallery_size is None else np.minimum(counts[inverse], gallery_size)
+    return float(np.mean(1.0 / sizes))
 
 
 def _check_confidence(confidence: float) -> None:
@@ -232,17 +258,21 @@ def cell_restoration(
     return np.where(never, np.nan, score)
 
 
-def gate(attackers: dict[str, dict[str, float]], thresholds: GateThresholds) -> dict[str, Any]:
-    """Passes only if every attacker (the best one included) stays at or under every threshold."""
-    limits = {
-        "psnr_gain": thresholds.max_psnr_gain,
-        "linkage_top1": thresholds.max_linkage_top1,
-        "recognition_recovery": thresholds.max_recognition_recovery,
-    }
+def gate(attackers: dict[str, dict[str, Any]], limits: dict[str, float]) -> dict[str, Any]:
+    """Passes only if every attacker stays at or under every limit with the value it is judged at: the
+    upper end of the score's interval (plus, for the learned attacker, what more data would add), so
+    a sample too small to show privacy fails safe. `limits`: gated score -> threshold in its units."""
     violations = [
-        {"attacker": name, "score": score, "value": scores[score], "threshold": limit}
+        {
+            "attacker": name,
+            "score": score,
+            "value": scores["judged"][score],
+            "point": scores[score],
+            "interval": list(scores[f"{score}_interval"]),
+            "threshold": limit,
+        }
         for name, scores in attackers.items()
         for score, limit in limits.items()
-        if scores[score] > limit
+        if scores["judged"][score] > limit
     ]
-    return {"passed": not violations, "thresholds": limits, "violations": violations}
+    return {"passed": not violations, "limits": limits, "violations": violations}

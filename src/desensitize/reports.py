@@ -73,3 +73,29 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: Path,
             )
     ax.set_title(title, fontsize=9)
     _save(fig, path)
+
+
+def scaling_curves(scaling: dict, limits: dict[str, float], path: Path) -> None:
+    """The learned attacker's gated scores against its training images (log scale), the log-linear fit
+    out to the assumed attacker budget, and each threshold."""
+    from matplotlib.figure import Figure
+
+    points = scaling["points"]
+    counts = np.array([p["images"] for p in points], dtype=float)
+    budget = scaling["assumed_attacker_images"]
+    fig = Figure(figsize=(4 * len(limits), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, len(limits)))
+    for ax, (score, limit) in zip(axes, limits.items(), strict=True):
+        ax.plot(counts, [p["scores"][score] for p in points], "o-", label="measured")
+        fit = scaling["fits"].get(score)
+        if fit:
+            xs = np.geomspace(counts.min(), max(budget, counts.max()), 50)
+            slope = fit["slope_per_doubling"] / np.log(2)
+            ax.plot(xs, fit["intercept"] + slope * np.log(xs), "--", color="gray", label="log-linear fit")
+        ax.axhline(limit, color="tab:red", lw=1, label="threshold")
+        ax.axvline(budget, color="black", lw=0.8, ls=":", label="assumed attacker budget")
+        ax.set_xscale("log")
+        ax.set_xlabel("attacker training images", fontsize=8)
+        ax.set_title(score, fontsize=9)
+    axes[0].legend(fontsize=6)
+    _save(fig, path)

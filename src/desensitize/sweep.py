@@ -33,7 +33,7 @@ from desensitize.stages.train import train_on_release
 from desensitize.storage import atomic_path
 
 log = logging.getLogger(__name__)
-PRIVACY = ("psnr_gain", "linkage_top1", "hidden_information")
+PRIVACY = ("psnr_gain", "linkage_within_class", "hidden_information")
 
 
 def _point_params(params: Params, seed: int, scope: str, ratio: float, strategy: str) -> Params:
@@ -86,6 +86,7 @@ def run_sweep(
                 row.update(
                     best_attacker=result["best_attacker"],
                     psnr_gain=best["psnr_gain"],
+                    linkage_within_class=best["linkage_within_class"],
                     linkage_top1=best["linkage_top1"],
                     hidden_information=result["hidden_information"],
                     gate_passed=result["gate"]["passed"],

@@ -77,16 +77,16 @@ def train_classifier(
     model: nn.Module,
     images: np.ndarray,
     labels: np.ndarray,
+    cfg: ClassifierParams,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
     seed: int,
     device: torch.device,
     name: str = "model",
+    epochs: int | None = None,
 ) -> History:
-    """Adam with a one-cycle schedule over full passes in a seeded order; logs one line per epoch."""
+    """Adam with a one-cycle schedule over full passes in a seeded order (`cfg`: batch size, learning
+    rate, weight decay, and the epochs unless `epochs` is given); logs one line per epoch."""
+    epochs, batch_size, lr, weight_decay = epochs or cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay
     generator = seed_everything(seed)
     x_all, y_all = to_float(images), torch.as_tensor(labels, dtype=torch.long)
     on_device(model, device).train()
@@ -146,50 +146,41 @@ def fit(
     }
     seed_everything(seed)  # the initial weights too
     model = build_model(spec)
-    history = train_classifier(
-        model,
-        images,
-        labels,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        seed=seed,
-        device=device,
-        name=name,
-    )
+    history = train_classifier(model, images, labels, cfg, seed=seed, device=device, name=name)
     save_checkpoint(model_path, model, **spec)
     write_history(history_path, history)
     return model, history
 
 
-def fit_summary(
+def fit_comparison(
     cfg: ClassifierParams,
     paths: Paths,
-    name: str,
-    images: np.ndarray,
+    inputs: dict[str, np.ndarray],
     labels: np.ndarray,
     class_names: list[str] | tuple[str, ...],
     *,
     seed: int,
-    masknet: bool,
     device: torch.device,
-) -> dict[str, Any]:
-    """`fit` one model of the comparison into models/<name>.npz (curve: plots/train/<name>.csv);
-    returns its last epoch and wall time."""
-    _, history = fit(
-        cfg,
-        images,
-        labels,
-        class_names,
-        seed=seed,
-        masknet=masknet,
-        device=device,
-        model_path=paths.model(name),
-        history_path=paths.train_history(name),
-        name=name,
-    )
-    return {**history.epochs[-1], "wall_seconds": round(history.wall_seconds, 2)}
+) -> dict[str, dict[str, Any]]:
+    """`fit` each model of the comparison (name -> its input images; `masknet` reads the mask as their
+    last channel) into models/<name>.npz with its curve in plots/train/<name>.csv; returns each
+    model's last epoch and wall time."""
+    summary = {}
+    for name, images in inputs.items():
+        _, history = fit(
+            cfg,
+            images,
+            labels,
+            class_names,
+            seed=seed,
+            masknet=name == "masknet",
+            device=device,
+            model_path=paths.model(name),
+            history_path=paths.train_history(name),
+            name=name,
+        )
+        summary[name] = {**history.epochs[-1], "wall_seconds": round(history.wall_seconds, 2)}
+    return summary
 
 
 def fit_and_score(
@@ -209,18 +200,7 @@ def fit_and_score(
     accuracy on the eval set; nothing is saved."""
     seed_everything(seed)  # the initial weights too
     model = build_backbone(cfg.backbone, images.shape[1], num_classes)
-    train_classifier(
-        model,
-        images,
-        labels,
-        epochs=epochs or cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        seed=seed,
-        device=device,
-        name=name,
-    )
+    train_classifier(model, images, labels, cfg, seed=seed, device=device, name=name, epochs=epochs)
     return float((predict(model, eval_images, device) == eval_labels).mean())
 
 

@@ -1,9 +1,11 @@
 """The `attack` stage, the privacy gate: attack the release before anything is trained on it.
 
-Every attacker tries to restore the hidden pixels of a seeded sample of released `train`
-images; the reconstructions are scored against the raw originals (hidden pixels only). The same
-suite runs on a seeded `random` mask of the same ratio and grid, for comparison. The gate passes
-only if every attacker stays under every threshold; otherwise the stage exits non-zero (unless
+Every attacker tries to restore the hidden pixels of a seeded sample of released `train` images,
+knowing the mask and the labels (a release carries both); the reconstructions are scored against
+the raw originals over hidden pixels only, each score with its confidence interval. The same suite
+runs on a seeded `random` mask of the same ratio and grid, for comparison. The gate passes only if
+every attacker stays under every threshold with the upper end of its interval (and, for the learned
+attacker, what more attacker data would add); otherwise the stage exits non-zero (unless
 `attack.enforce` is false, which is recorded as an override).
 """
 
@@ -14,19 +16,28 @@ from typing import Any
 
 import numpy as np
 
-from desensitize import privacy
-from desensitize.attack_suite import attack_suite, sample_indices
+from desensitize import inpainting, privacy
+from desensitize.attack_suite import Target, attack_suite, sample_indices
 from desensitize.checkpoints import load_checkpoint
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
+from desensitize.inpainting import AttackerData, public_data
 from desensitize.paths import Paths
-from desensitize.release import load_released, random_release_of, read_release_info
-from desensitize.reports import heatmap, image_grid
+from desensitize.release import ReleasedSplit, load_released, random_release_of, read_release_info
+from desensitize.reports import heatmap, image_grid, scaling_curves
 from desensitize.splits import load_split
 from desensitize.storage import atomic_path, write_json
 from desensitize.training import best_device, to_float
 
 log = logging.getLogger(__name__)
+
+
+def _attacker_data(public: AttackerData, released: ReleasedSplit, scope: str, release_data: bool) -> AttackerData:
+    """Public images, plus for per-image masks the release itself (its visible pixels): other images
+    show the cells this one hides, and every recipient holds them."""
+    if scope != "image" or not release_data:
+        return public
+    return AttackerData.join([public, AttackerData(released.images, released.masks, released.labels)])
 
 
 def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
@@ -36,64 +47,61 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     info = read_release_info(paths.release)
     released = load_released(paths.release, "train")
     raw = load_split(paths.raw, "train")
-    public = load_split(paths.raw, "public").images
+    public = load_split(paths.raw, "public")
     torch_device = best_device(device)
     model, _ = load_checkpoint(paths.reference_model, torch_device)
+    if cfg.sample > len(raw.images):
+        log.warning("attack.sample = %d: the release has %d train images; attacking all", cfg.sample, len(raw.images))
 
     idx = sample_indices(len(raw.images), cfg.sample, params.seed)
-    raw_sample, labels = raw.images[idx], raw.labels[idx]
-    release = attack_suite(
-        released.images[idx],
-        released.masks[idx],
-        raw_sample,
-        labels,
-        public,
-        info.fill,
-        info.fill_value,
-        params,
-        model,
-        torch_device,
-    )
+    fill = inpainting.release_fill(info.fill, info.fill_value, params.seed)
+    common = {"num_classes": len(raw.class_names), "model": model, "device": torch_device, "seed": params.seed}
+    public_set = public_data(public.images, public.labels)
 
-    # The comparison: a seeded random mask of the same ratio, grid, scope and fill.
-    rand = random_release_of(info, {"train": raw}, params.seed)["train"]
-    random = attack_suite(
-        rand.images[idx],
-        rand.masks[idx],
-        raw_sample,
-        labels,
-        public,
-        info.fill,
-        info.fill_value,
-        params,
-        model,
-        torch_device,
-    )
+    def suite(split: ReleasedSplit, **kwargs: Any) -> dict[str, Any]:
+        target = Target(split.images[idx], split.masks[idx], raw.images[idx], raw.labels[idx])
+        attacker = _attacker_data(public_set, split, info.scope, cfg.learned.release_data)
+        return attack_suite(target, attacker, fill, cfg, **common, **kwargs)
 
-    verdict = privacy.gate(release["attackers"], cfg.thresholds)
-    verdict["enforced"] = cfg.enforce
-    verdict["overridden"] = not verdict["passed"] and not cfg.enforce
-    verdict["message"] = _message(verdict)
+    release = suite(released)
+    # The comparison: a seeded random mask of the same ratio, grid, scope and fill, attacked by the
+    # learned attacker at the width and for the epochs chosen above (no data-scaling curve).
+    random_split = random_release_of(info, {"train": raw}, params.seed)["train"]
+    learned = release["learned"]
+    chosen = learned and {
+        "widths": [learned["width"]],
+        "epochs": learned["widths"][str(learned["width"])]["best_epoch"],
+    }
+    random = suite(random_split, **(chosen or {}), scaling=False)
+
+    verdict = privacy.gate(release["attackers"], release["limits"])
+    verdict.update(enforced=cfg.enforce, overridden=not verdict["passed"] and not cfg.enforce)
+    verdict["message"] = _message(verdict, release, cfg.assumed_attacker_images)
     best = release["best_attacker"]
+    truth = to_float(raw.images[idx]).numpy()
     cells = privacy.cell_restoration(
         release["reconstructions"][best],
-        release["reconstructions"]["mean_fill"],
-        to_float(raw_sample).numpy(),
+        release["reconstructions"][release["best_blind"]],
+        truth,
         released.masks[idx],
         info.cell,
     )
     metrics = {
         "sample": len(idx),
+        "confidence": cfg.confidence,
         "linkage_chance": release["linkage_chance"],
+        "linkage_within_class_chance": release["linkage_within_class_chance"],
         "attackers": release["attackers"],
-        "mean_fill": release["mean_fill"],
+        "blind": release["blind"],
+        "best_blind": release["best_blind"],
         "best_attacker": best,
+        "learned": learned,
         "hidden_information": release["hidden_information"],
         "mask": info.model_dump(include={"strategy", "method", "scope", "hidden_ratio", "cell", "fill"}),
-        "random_mask": {k: random[k] for k in ("attackers", "mean_fill", "best_attacker", "hidden_information")},
+        "random_mask": {k: random[k] for k in ("attackers", "blind", "best_attacker", "hidden_information")},
         "gate": verdict,
     }
-    _report(paths, metrics, release, raw_sample, released.images[idx], cells)
+    _report(paths, metrics, release, raw.images[idx], released.images[idx], cells)
     write_json(paths.attack_metrics, metrics)
     log.info("%s", verdict["message"])
     if not verdict["passed"] and cfg.enforce:
@@ -101,19 +109,34 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     return metrics
 
 
-def _message(verdict: dict[str, Any]) -> str:
+def _violation(v: dict[str, Any], release: dict[str, Any], budget: int) -> str:
+    lo, hi = v["interval"]
+    text = f"{v['attacker']} {v['score']} {v['point']:.4g} (interval {lo:.4g} to {hi:.4g}"
+    fits = ((release["learned"] or {}).get("scaling") or {}).get("fits") or {}
+    added = fits.get(v["score"], {}).get("added", 0.0) if v["attacker"] == "learned" else 0.0
+    if added:
+        text += f"; +{added:.4g} projected to {budget} attacker images"
+    text += f") > {v['threshold']:.4g}"
+    if v["score"] == "linkage_within_class":
+        text += f" ({v['threshold'] / release['linkage_within_class_chance']:g}x within-class chance)"
+    return text
+
+
+def _message(verdict: dict[str, Any], release: dict[str, Any], budget: int) -> str:
     if verdict["passed"]:
-        return "privacy gate passed: every attacker stays under every threshold"
-    broken = "; ".join(
-        f"{v['attacker']} {v['score']} {v['value']:.4g} > {v['threshold']:g}" for v in verdict["violations"]
-    )
+        return "privacy gate passed: every attacker stays under every threshold, upper interval ends included"
+    broken = "; ".join(_violation(v, release, budget) for v in verdict["violations"])
     tail = (
         "overridden by attack.enforce: false, the pipeline goes on"
         if verdict["overridden"]
-        else "release blocked; change the mask (masks.*) or the thresholds (attack.thresholds), "
-        "or set attack.enforce: false to record the failure and go on"
+        else "release blocked; hide more (masks.*) or set attack.enforce: false to record the failure and go on"
     )
     return f"privacy gate FAILED: {broken} ({tail})"
+
+
+def _interval(scores: dict[str, Any], key: str, fmt: str) -> str:
+    lo, hi = scores[f"{key}_interval"]
+    return f"{scores[key]:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
 
 
 def _report(
@@ -137,25 +160,68 @@ def _report(
     )
     with atomic_path(out / "cell_restoration.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, cells)
+    scaling = (metrics["learned"] or {}).get("scaling")
+    if scaling:
+        scaling_curves(scaling, metrics["gate"]["limits"], out / "scaling.png")
+    level = f"{metrics['confidence']:.0%}"
     lines = [
         "# Inpainting-attack report",
         "",
-        f"Mask: {metrics['mask']}. Sample: {metrics['sample']} released train images; "
-        f"linkage chance 1/{metrics['sample']} = {metrics['linkage_chance']:.4f}.",
+        f"Mask: {metrics['mask']}. Sample: {metrics['sample']} released train images. Linkage chance: "
+        f"{metrics['linkage_chance']:.4f} over all sampled images, {metrics['linkage_within_class_chance']:.4f} "
+        f"within each class. Blind reference for PSNR gain: {metrics['best_blind']}.",
         f"Hidden information (share of content under the mask): {metrics['hidden_information']:.3f} "
         f"(random mask of the same ratio: {metrics['random_mask']['hidden_information']:.3f}).",
         "",
-        "| attacker | PSNR hidden (dB) | PSNR gain (dB) | SSIM hidden | linkage top-1 | recognition recovery |"
-        " random mask: PSNR gain | random mask: linkage |",
+        f"Scores with {level} intervals; the gate judges the upper end (for `learned`, plus what the "
+        "data-scaling curve projects).",
+        "",
+        "| attacker | PSNR hidden (dB) | PSNR gain (dB) | linkage within class | linkage all | recognition recovery |"
+        " judged: gain / within / recovery | random mask: gain / within |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, s in {"mean_fill": metrics["mean_fill"], **metrics["attackers"]}.items():
-        r = metrics["random_mask"]["attackers"].get(name, metrics["random_mask"]["mean_fill"])
-        lines.append(
-            f"| {name} | {s['psnr_hidden']:.2f} | {s['psnr_gain']:+.2f} | {s['ssim_hidden']:.3f} | "
-            f"{s['linkage_top1']:.3f} | {s['recognition_recovery']:+.3f} | {r['psnr_gain']:+.2f} | "
-            f"{r['linkage_top1']:.3f} |"
+    random = metrics["random_mask"]
+    for name, s in {**metrics["blind"], **metrics["attackers"]}.items():
+        r = {**random["blind"], **random["attackers"]}.get(name)
+        judged = s.get("judged")
+        judged_cell = (
+            f"{judged['psnr_gain']:+.2f} / {judged['linkage_within_class']:.3f} / {judged['recognition_recovery']:+.3f}"
+            if judged
+            else "(blind reference)"
         )
-    lines += ["", f"Best attacker: **{metrics['best_attacker']}**.", "", f"**{metrics['gate']['message']}**", ""]
+        random_cell = f"{r['psnr_gain']:+.2f} / {r['linkage_within_class']:.3f}" if r else "-"
+        lines.append(
+            f"| {name} | {s['psnr_hidden']:.2f} | {_interval(s, 'psnr_gain', '+.2f')} | "
+            f"{_interval(s, 'linkage_within_class', '.3f')} | {_interval(s, 'linkage_top1', '.3f')} | "
+            f"{_interval(s, 'recognition_recovery', '+.3f')} | {judged_cell} | {random_cell} |"
+        )
+    learned = metrics["learned"]
+    if learned:
+        widths = ", ".join(
+            f"width {w}: held-out MSE {t['held_out_mse']:.5f} at epoch {t['best_epoch']} of {t['epochs_run']}"
+            for w, t in learned["widths"].items()
+        )
+        lines += ["", f"Learned attacker: width {learned['width']} chosen by held-out loss ({widths})."]
+    if scaling:
+        lines += ["", "Data scaling of the learned attacker (`scaling.png`):", ""]
+        lines += ["| training images | PSNR gain | linkage within class | recognition recovery |", "|---|---|---|---|"]
+        for point in scaling["points"]:
+            p = point["scores"]
+            lines.append(
+                f"| {point['images']} | {p['psnr_gain']:+.2f} | {p['linkage_within_class']:.3f} | "
+                f"{p['recognition_recovery']:+.3f} |"
+            )
+        for score, fit in scaling["fits"].items():
+            state = (
+                "flat" if fit["flat"] else f"grows; +{fit['added']:.4g} by {scaling['assumed_attacker_images']} images"
+            )
+            lines.append(f"\n{score}: {fit['slope_per_doubling']:+.4g} per doubling of the data ({state}).")
+    lines += [
+        "",
+        f"Strongest attacker: **{metrics['best_attacker']}**; `cell_restoration.png` shows which cells it restores.",
+        "",
+        f"**{metrics['gate']['message']}**",
+        "",
+    ]
     with atomic_path(out / "summary.md") as tmp:
         tmp.write_text("\n".join(lines))

@@ -11,7 +11,7 @@ from desensitize.config import Params
 from desensitize.paths import Paths
 from desensitize.release import random_release_of, read_release_info
 from desensitize.splits import load_split
-from desensitize.training import best_device, fit_summary
+from desensitize.training import best_device, fit_comparison
 
 
 def train_baselines(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
@@ -19,17 +19,6 @@ def train_baselines(params: Params, paths: Paths, device: str = "auto") -> dict[
     info = read_release_info(paths.release)
     raw = load_split(paths.raw, "train")
     inputs = {"raw": raw.images, "plain_random": random_release_of(info, {"train": raw}, params.seed)["train"].images}
-    return {
-        name: fit_summary(
-            params.train,
-            paths,
-            name,
-            images,
-            raw.labels,
-            raw.class_names,
-            seed=params.seed,
-            masknet=False,
-            device=best_device(device),
-        )
-        for name, images in inputs.items()
-    }
+    return fit_comparison(
+        params.train, paths, inputs, raw.labels, raw.class_names, seed=params.seed, device=best_device(device)
+    )

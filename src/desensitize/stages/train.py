@@ -12,7 +12,7 @@ from desensitize.config import Params
 from desensitize.masknet import with_mask_channel
 from desensitize.paths import Paths
 from desensitize.release import load_released, read_release_info
-from desensitize.training import best_device, fit_summary
+from desensitize.training import best_device, fit_comparison
 
 
 def train_on_release(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
@@ -20,17 +20,6 @@ def train_on_release(params: Params, paths: Paths, device: str = "auto") -> dict
     info = read_release_info(paths.release)
     train = load_released(paths.release, "train")
     inputs = {"plain": train.images, "masknet": with_mask_channel(train.images, train.masks)}
-    return {
-        name: fit_summary(
-            params.train,
-            paths,
-            name,
-            images,
-            train.labels,
-            info.class_names,
-            seed=params.seed,
-            masknet=name == "masknet",
-            device=best_device(device),
-        )
-        for name, images in inputs.items()
-    }
+    return fit_comparison(
+        params.train, paths, inputs, train.labels, info.class_names, seed=params.seed, device=best_device(device)
+    )
