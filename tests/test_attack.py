@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,7 @@ def _project(tiny_project, tmp_path: Path, **attack) -> tuple[object, Paths]:
     return params, paths
 
 
-def test_failed_gate_stops_the_stage_with_the_broken_threshold_named(tiny_project, tmp_path: Path):
+def test_failed_gate_stops_the_stage_with_the_broken_threshold_named(tiny_project, tmp_path: Path, monkeypatch):
     params, paths = _project(tiny_project, tmp_path, thresholds={"max_psnr_gain": 0, "max_linkage_x_chance": 1})
     with pytest.raises(
         DesensitizeError,
@@ -221,6 +222,14 @@ def test_failed_gate_stops_the_stage_with_the_broken_threshold_named(tiny_projec
         assert (paths.attack_reports / figure).read_bytes()[:4] == b"\x89PNG"
     cells = np.load(paths.attack_reports / "cell_restoration.npy")
     assert cells.shape == (4, 4)  # 8x8 digits, 2-pixel cells
+
+    # Figures of an earlier release are not shown as this one's.
+    paths.evaluate_metrics.write_text(json.dumps({"accuracy": {"masknet": 0.9}}))
+    os.utime(paths.evaluate_metrics, (0, 0))
+    monkeypatch.chdir(paths.root)
+    summary = CliRunner().invoke(app, ["summary"])
+    assert summary.exit_code == 0 and "privacy gate FAILED" in summary.output
+    assert "evaluate   not run: the privacy gate blocked this release" in summary.output
 
 
 def test_enforce_false_records_the_override_and_goes_on(tiny_project, tmp_path: Path, monkeypatch):

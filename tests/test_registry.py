@@ -62,6 +62,10 @@ def test_a_failed_gate_registers_a_challenger_never_a_champion(project):
     version = client.get_model_version(NAME, "1")
     assert version.tags["gate"] == "failed" and version.aliases == ["challenger"]
     assert _champion(client) is None
+    # The cards carry the failed verdict, each score with its interval.
+    card = paths.cards.joinpath("data_card.md").read_text()
+    assert "not enforced: attack.enforce is false" in card and "privacy gate FAILED" in card
+    assert "linkage within class" in card and "| telea | " in card and "] | " in card
     # This project's release and models were made untracked: lineage says which links are missing.
     chain = lineage(f"{NAME}/1", paths)
     assert chain["model"]["tags"]["gate"] == "failed" and not chain["complete"]

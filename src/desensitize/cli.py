@@ -162,7 +162,12 @@ def summary() -> None:
             f"{best['judged']['linkage_within_class']:.3f}; hidden information {a['hidden_information']:.3f}"
         )
         lines.append(f"gate       {a['gate']['message']}")
-    if paths.evaluate_metrics.is_file():
+    blocked = paths.attack_metrics.is_file() and _blocked_since(paths)
+    if blocked:
+        lines.append(
+            "evaluate   not run: the privacy gate blocked this release (nothing was trained or registered on it)"
+        )
+    elif paths.evaluate_metrics.is_file():
         e = read_json(paths.evaluate_metrics)
         acc = ", ".join(f"{name} {value:.4f}" for name, value in e["accuracy"].items())
         lines.append(
@@ -170,6 +175,19 @@ def summary() -> None:
             f"this mask over random {e['saliency_over_random']:+.4f}"
         )
     typer.echo("\n".join(lines) if lines else "no metrics yet: run `dvc repro` first")
+
+
+def _blocked_since(paths: Paths) -> bool:
+    """The last attack run blocked its release, and metrics/evaluate.json (if any) is older: its figures
+    belong to an earlier release."""
+    from desensitize.storage import read_json
+
+    gate = read_json(paths.attack_metrics)["gate"]
+    blocked = not gate["passed"] and not gate["overridden"]
+    evaluated = paths.evaluate_metrics.is_file() and (
+        paths.evaluate_metrics.stat().st_mtime >= paths.attack_metrics.stat().st_mtime
+    )
+    return blocked and not evaluated
 
 
 @app.command()
