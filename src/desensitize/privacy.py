@@ -46,11 +46,6 @@ def psnr_per_image(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarra
     return np.minimum(psnr, PSNR_CAP)
 
 
-def psnr_hidden(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> float:
-    """Mean over images of the PSNR computed over each image's hidden pixels only."""
-    return float(psnr_per_image(reconstruction, raw, masks).mean())
-
-
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-pixel SSIM (uniform 7x7 window, reflect padding), averaged over channels: (N, H, W)."""
     x, y = torch.from_numpy(a).double(), torch.from_numpy(b).double()
@@ -121,12 +116,6 @@ def linkage_hits(
     own = dist.diagonal()
     ties_or_better = (dist <= own[:, None] + 1e-9).sum(1)  # an exact tie is not a confident link
     return (ties_or_better == 1).numpy()
-
-
-def linkage_top1(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> float:
-    """Share of reconstructions whose own original is the nearest of the N raw images (the gallery),
-    comparing only the reconstruction's hidden pixels. Chance is 1/N."""
-    return float(linkage_hits(reconstruction, raw, masks).mean())
 
 
 def linkage_chance(n: int, groups: np.ndarray | None = None, gallery_size: int | None = None) -> float:
