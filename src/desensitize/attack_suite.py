@@ -174,7 +174,6 @@ def attack_suite(
             scores[name]["judged"] = {s: scores[name][f"{s}_interval"][1] for s in GATED}
     if "learned" in scores and learned_record.get("scaling"):
         _judge_scaling(scores["learned"], learned_record["scaling"], bounds, cfg)
-        learned_record["scaling"]["judged"] = scores["learned"]["judged"]
     attackers = {name: s for name, s in scores.items() if name not in BLIND}
     best = max(attackers, key=lambda name: max(attackers[name]["judged"][s] / _unit(bounds[s]) for s in GATED))
     return {
