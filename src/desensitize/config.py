@@ -18,7 +18,7 @@ SOURCES = ("mnist5k", "fashion-mnist", "digits", "imagefolder", "cifar10")
 BACKBONES = ("small_cnn", "resnet18")
 ATTRIBUTION_METHODS = ("saliency", "integrated_gradients", "gradient_shap", "grad_cam", "occlusion")
 STRATEGIES = ("saliency", "random", "center", "border")
-TEMPLATES = ("mean", "class_contrast", "mean_spread", "search")
+TEMPLATES = ("mean", "class_contrast", "mean_spread", "restorability", "search")
 ATTACKERS = ("telea", "navier_stokes", "biharmonic", "learned")
 
 
@@ -75,11 +75,36 @@ class AttributionParams(_Section):
     occlusion_stride: int = Field(2, ge=1, le=256)
 
 
+class ScreenParams(_Section):
+    """The privacy screen of every search candidate: the learned attacker shortened to one width and a
+    fixed number of epochs, without the data-scaling curve, on the gate's sample."""
+
+    width: int = Field(16, ge=4, le=256)
+    epochs: int = Field(8, ge=1, le=10_000)
+
+
 class SearchParams(_Section):
-    """masks.template = search: each candidate template's set mask is scored by a model trained through it."""
+    """masks.template = search: candidate masks over templates x cells x hidden ratios (x scopes), each
+    scored for utility by a model trained through it and screened for privacy (README: the mask search)."""
 
     holdout: float = Field(0.2, gt=0, lt=1)  # share of train held out to score the candidates
     epochs: int = Field(8, ge=1, le=1000)  # epochs of the scoring model (reference backbone and optimiser)
+    templates: list[Literal[TEMPLATES[:-1]]] = Field(  # type: ignore[valid-type]
+        default=["mean", "class_contrast", "mean_spread", "restorability"], min_length=1
+    )
+    cells: list[int] = Field(default=[7, 4], min_length=1)
+    hidden_ratios: list[float] = Field(default=[0.75, 0.8125, 0.875, 0.9375], min_length=1)
+    scopes: list[Literal["set", "image"]] = Field(default=["set"], min_length=1)
+    screen: ScreenParams = ScreenParams()
+    max_full_gates: int = Field(3, ge=1, le=1000)  # full attack-suite runs before the search gives up
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SearchParams:
+        if any(not 0 < r < 1 for r in self.hidden_ratios):
+            raise ValueError(f"hidden_ratios {self.hidden_ratios}: each must be in (0, 1)")
+        if any(not 1 <= c <= 512 for c in self.cells):
+            raise ValueError(f"cells {self.cells}: each must be in [1, 512]")
+        return self
 
 
 class MaskParams(_Section):
@@ -89,6 +114,10 @@ class MaskParams(_Section):
     cell: int = Field(7, ge=1, le=512)
     fill: Literal["zero", "mean", "noise"] = "zero"
     template: Literal[TEMPLATES] = "search"  # type: ignore[valid-type]
+    # gate: the release must pass the privacy gate (attack.thresholds, the one source of truth): the
+    # search releases the most useful candidate that does and the stage fails if none does | none: the
+    # most useful candidate, judged by the attack stage only (the sweep's fixed points)
+    privacy: Literal["gate", "none"] = "gate"
     search: SearchParams = SearchParams()
     attribution: AttributionParams = AttributionParams()
 
