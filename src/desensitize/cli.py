@@ -275,31 +275,63 @@ def sweep(
     ),
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     scopes: Annotated[str, typer.Option(help="Comma-separated mask scopes: set, image.")] = "set,image",
-    ratios: Annotated[str, typer.Option(help="Comma-separated hidden ratios.")] = "0.25,0.5,0.75",
+    ratios: Annotated[str, typer.Option(help="Comma-separated hidden ratios.")] = "0.25,0.5,0.75,0.875,0.9375",
+    cells: Annotated[str, typer.Option(help="Comma-separated cell sizes (pixels).")] = "4,7",
     strategies: Annotated[
         str, typer.Option(help="Comma-separated strategies: saliency, random, ...")
     ] = "saliency,random",
+    templates: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated set-scope saliency templates: mean, class_contrast, mean_spread, restorability "
+            "(one point each; random and image-scope saliency points have none)."
+        ),
+    ] = "mean,class_contrast,mean_spread,restorability",
+    searched: Annotated[
+        bool,
+        typer.Option(
+            help="Per seed and scope, also the searched mask (masks.template search, masks.privacy gate): "
+            "the search picks template, cell and ratio and releases only a candidate that passes the gate."
+        ),
+    ] = True,
     attack: Annotated[bool, typer.Option(help="Run the attack suite at every point (privacy axis).")] = True,
     device: DeviceOption = "auto",
 ) -> None:
     """The privacy-utility frontier: run masks -> attack -> train -> baselines -> evaluate for every
-    seed x scope x ratio x strategy (other settings from the params file). Writes results.csv,
-    summary.md (mean +- std over seeds) and frontier.png to --out."""
+    seed x scope x cell x ratio x strategy (x template for set-scope saliency), without a privacy
+    constraint, plus the gated searched mask per seed and scope (other settings from the params
+    file). Writes results.csv, summary.md (mean +- std over seeds, accuracy at the gate's limits) and
+    frontier.png to --out."""
     from desensitize.config import parse_params
     from desensitize.sweep import run_sweep
 
     base = load_params(params)
-    grid = {"scope": _split(scopes, str), "hidden_ratio": _split(ratios, float), "strategy": _split(strategies, str)}
+    grid = {
+        "scope": _split(scopes, str),
+        "hidden_ratio": _split(ratios, float),
+        "cell": _split(cells, int),
+        "strategy": _split(strategies, str),
+        "template": _split(templates, str),
+    }
+    options = {"hidden_ratio": "--ratios", "strategy": "--strategies"}
     for key, values in grid.items():  # validate every value through the params model, before any work
+        origin = options.get(key, f"--{key}s")
+        if not values:
+            raise DesensitizeError(f"{origin}: give at least one value")
         for value in values:
-            parse_params({"masks": {key: value}}, origin=f"--{key.replace('hidden_', '')}s")
+            parse_params({"masks": {key: value}}, origin=origin)
+    if "search" in grid["template"]:
+        raise DesensitizeError("--templates: search is not a fixed template; the searched point is --searched")
     run_sweep(
         base,
         out,
         seeds=_split(seeds, int),
         scopes=grid["scope"],
         ratios=grid["hidden_ratio"],
+        cells=grid["cell"],
         strategies=grid["strategy"],
+        templates=grid["template"],
+        searched=searched,
         attack=attack,
         device=device,
     )
