@@ -4,15 +4,151 @@ import csv
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from conftest import tiny_params
-from desensitize.sweep import run_sweep
+from desensitize.cli import app
+from desensitize.sweep import COLUMNS, SEARCHED, _write, accuracy_at_privacy, grid, matched_privacy, run_sweep
 
-pytestmark = pytest.mark.slow
+FRONTIER = [(0.1, 0.5), (0.3, 0.9)]
 
 
+def test_accuracy_at_privacy_interpolates_between_two_points():
+    assert accuracy_at_privacy(FRONTIER, 0.2) == pytest.approx(0.7)
+    assert accuracy_at_privacy(FRONTIER, 0.25) == pytest.approx(0.8)
+
+
+def test_accuracy_at_privacy_envelope_ignores_dominated_points():
+    # (0.2, 0.4) is beaten by the more private (0.1, 0.5); (0.4, 0.6) by (0.3, 0.9); (0.1, 0.3) by its twin
+    points = [(0.2, 0.4), *FRONTIER, (0.4, 0.6), (0.1, 0.3)]
+    assert accuracy_at_privacy(points, 0.25) == pytest.approx(0.8)
+    assert accuracy_at_privacy(points, 0.2) == pytest.approx(0.7)
+    assert accuracy_at_privacy(points, 0.35) == pytest.approx(0.9)
+    assert accuracy_at_privacy(points, 0.1) == pytest.approx(0.5)
+
+
+def test_accuracy_at_privacy_none_below_every_point():
+    assert accuracy_at_privacy(FRONTIER, 0.05) is None
+    assert accuracy_at_privacy([], 0.5) is None
+
+
+def test_accuracy_at_privacy_best_accuracy_above_every_point():
+    points = [*FRONTIER, (0.5, 0.6)]  # the least private point is not the most accurate
+    assert accuracy_at_privacy(points, 0.5) == pytest.approx(0.9)
+    assert accuracy_at_privacy(points, 10.0) == pytest.approx(0.9)
+
+
+def test_accuracy_at_privacy_exact_hit():
+    assert accuracy_at_privacy(FRONTIER, 0.1) == pytest.approx(0.5)
+    assert accuracy_at_privacy(FRONTIER, 0.3) == pytest.approx(0.9)
+    assert accuracy_at_privacy([(0.1, 0.5), (0.1, 0.7), (0.3, 0.9)], 0.1) == pytest.approx(0.7)
+
+
+def test_grid_multiplies_only_set_scope_saliency_by_templates():
+    points = grid(["set", "image"], [4, 7], [0.5], ["saliency", "random"], ["mean", "class_contrast"])
+    families = {(p.scope, p.family, p.cell) for p in points}
+    assert len(points) == len(families) == 2 * (3 + 2)
+    assert {(p.scope, p.family) for p in points} == {
+        ("set", "saliency/mean"),
+        ("set", "saliency/class_contrast"),
+        ("set", "random"),
+        ("image", "saliency/per-image"),
+        ("image", "random"),
+    }
+    assert {p.template for p in points if p.family.startswith("saliency/") and p.scope == "set"} == {
+        "mean",
+        "class_contrast",
+    }
+    assert len({p.name for p in points}) == len(points)  # one workspace each
+
+
+def _row(seed: int, family: str, ratio: float | None, linkage: float | None, gain: float | None, plain, masknet):
+    row = dict.fromkeys(COLUMNS)
+    row.update(
+        seed=seed,
+        scope="set",
+        family=family,
+        strategy="random" if family == "random" else "saliency",
+        cell=4,
+        hidden_ratio=ratio,
+        linkage_within_class=linkage,
+        psnr_gain=gain,
+        linkage_within_class_limit=None if linkage is None else 0.15,
+        psnr_gain_limit=None if gain is None else 1.0,
+        hidden_information=0.5,
+        gate_passed=False if linkage is None else linkage <= 0.15 and gain <= 1.0,
+        raw=0.99,
+        plain_random=0.5,
+        plain=plain,
+        masknet=masknet,
+    )
+    return row
+
+
+def _rows():
+    rows = []
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        # saliency/mean: at the linkage limit 0.15 halfway between 0.1 and 0.2 -> (0.6 + 0.8) / 2 + shift;
+        # at the PSNR limit 1.0 halfway between 0.5 and 1.5 -> the same
+        rows.append(_row(seed, "saliency/mean", 0.9, 0.1, 0.5, 0.6 + shift, 0.65 + shift))
+        rows.append(_row(seed, "saliency/mean", 0.5, 0.2, 1.5, 0.8 + shift, 0.85 + shift))
+        # random: never that private
+        rows.append(_row(seed, "random", 0.9, 0.3, 2.0, 0.7, 0.7))
+    passed = _row(0, SEARCHED, None, 0.12, 0.8, 0.75, 0.77)
+    failed = _row(1, SEARCHED, None, None, None, None, None)
+    failed.update(raw=None, plain_random=None, failure="no candidate passed the privacy gate")
+    return [*rows, passed, failed]
+
+
+def test_matched_privacy_per_seed_then_over_seeds(tmp_path: Path):
+    rows = _rows()
+    table = matched_privacy(rows)
+    assert table[("set", "saliency/mean", "plain")]["linkage_within_class"] == pytest.approx([0.7, 0.72])
+    assert table[("set", "saliency/mean", "masknet")]["psnr_gain"] == pytest.approx([0.75, 0.77])
+    assert table[("set", "random", "plain")] == {"linkage_within_class": [None, None], "psnr_gain": [None, None]}
+    assert not any(family == SEARCHED for _, family, _ in table)
+
+    _write(tmp_path, rows, attack=True)
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| set | saliency/mean | plain | 0.7100 ± 0.0141 | 0.7100 ± 0.0141 |" in summary
+    assert "| set | random | masknet | — | — |" in summary
+    assert f"| set | {SEARCHED} | plain | 0.7500 (1 of 2 seeds), own point; gate passed 1 of 2 seeds |" in summary
+    assert "| set | saliency/mean | 4 | 0.9 | 2 | 0.9900 ± 0.0000 | 0.5000 ± 0.0000 | 0.6100 ± 0.0141 |" in summary
+    assert "| 1 | set | False | — | 4 | — | — | — | — | — | no candidate passed the privacy gate |" in summary
+    with open(tmp_path / "results.csv") as f:
+        table_csv = list(csv.DictReader(f))
+    assert tuple(table_csv[0]) == COLUMNS and len(table_csv) == len(rows)
+    assert table_csv[-1]["plain"] == "" and table_csv[-1]["failure"].startswith("no candidate")
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_cli_rejects_bad_axes_before_any_work(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    out = tmp_path / "out"
+    for option, value, expected in (
+        ("--templates", "search", "--templates: search"),
+        ("--templates", "mean,median", "--templates: masks.template = 'median'"),
+        ("--cells", "0", "--cells: masks.cell = 0"),
+    ):
+        result = CliRunner().invoke(app, ["sweep", "-p", str(params), "--out", str(out), option, value])
+        assert result.exit_code == 2, result.output
+        assert expected in result.output
+    assert not out.exists()
+
+
+@pytest.mark.slow
 def test_sweep_writes_one_row_per_point_and_the_frontier(tmp_path: Path):
-    params = tiny_params().model_copy(deep=True)
+    params = tiny_params(
+        search={
+            "epochs": 1,
+            "templates": ["mean"],
+            "cells": [2],
+            "hidden_ratios": [0.5],
+            "screen": {"width": 4, "epochs": 1},
+            "max_full_gates": 1,
+        }
+    )
     params = params.model_copy(
         update={
             "train": params.train.model_copy(update={"epochs": 1}),
@@ -31,21 +167,42 @@ def test_sweep_writes_one_row_per_point_and_the_frontier(tmp_path: Path):
         seeds=[0],
         scopes=["set", "image"],
         ratios=[0.5],
+        cells=[4],  # not the params' cell (2): the axis reaches the mask
         strategies=["saliency", "random"],
+        templates=["mean", "class_contrast"],
+        searched=True,
         attack=True,
         device="cpu",
     )
-    assert len(rows) == 4
     with open(tmp_path / "results.csv") as f:
         table = list(csv.DictReader(f))
-    assert {(r["scope"], r["strategy"]) for r in table} == {
-        ("set", "saliency"),
-        ("image", "saliency"),
+    assert [(r["scope"], r["family"]) for r in table] == [
+        ("set", "saliency/mean"),
+        ("set", "saliency/class_contrast"),
         ("set", "random"),
+        ("image", "saliency/per-image"),
         ("image", "random"),
-    }
-    for row in rows:
-        assert 0 <= row["masknet"] <= 1 and row["hidden_pixels"] == 0.5 and "linkage_within_class" in row
+        ("set", SEARCHED),
+        ("image", SEARCHED),
+    ]
+    assert tuple(table[0]) == COLUMNS
+    fixed, searched = rows[:5], rows[5:]
+    for row in fixed:
+        assert row["cell"] == 4 and row["hidden_ratio"] == 0.5 and row["released_hidden_ratio"] == 0.5
+        assert 0 <= row["masknet"] <= 1 and row["hidden_pixels"] == 0.5 and row["failure"] is None
+        assert row["linkage_within_class_limit"] == pytest.approx(
+            params.attack.thresholds.max_linkage_x_chance * row["linkage_within_class_chance"]
+        )
+        assert row["psnr_gain_limit"] == params.attack.thresholds.max_psnr_gain
+        assert row["psnr_gain"] is not None and row["gate_passed"] in (True, False)
+    assert [r["template"] for r in fixed[:3]] == ["mean", "class_contrast", None]
+    for row in searched:  # the tiny search may find no candidate that passes the gate: recorded either way
+        assert row["hidden_ratio"] is None
+        if row["failure"]:
+            assert row["gate_passed"] is False and row["plain"] is None and row["masknet"] is None
+        else:
+            assert 0 <= row["plain"] <= 1 and 0 <= row["masknet"] <= 1 and row["cell"] is not None
     summary = (tmp_path / "summary.md").read_text()
-    assert "| image | 0.5 | saliency | 1 |" in summary
+    assert "| image | saliency/per-image | 4 | 0.5 | 1 |" in summary
+    assert "| set | saliency/mean | plain |" in summary and "## Searched points" in summary
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
