@@ -62,13 +62,24 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory):
     return params, paths
 
 
-def tiny_params(**masks: object):
-    """digits (8x8) with a 2-pixel cell grid (16 cells), a short template search, and the given `masks` settings."""
+TINY_SEARCH = {"epochs": 2, "cells": [2], "hidden_ratios": [0.5], "screen": {"width": 8, "epochs": 1}}
+TINY_ATTACK = {
+    "sample": 200,
+    "attackers": ["telea", "learned"],
+    "learned": {"widths": [8], "max_epochs": 2, "patience": 1, "data_shares": [0.5]},
+}
+
+
+def tiny_params(attack: dict | None = None, **masks: object):
+    """digits (8x8) with a 2-pixel cell grid (16 cells), a short template search over the templates at
+    that cell and ratio, no privacy constraint unless `masks` asks for it (then a brief attack suite,
+    updated with `attack`), and the given `masks` settings."""
     return parse_params(
         {
             "data": {"source": "digits"},
             "reference": {"epochs": 2, "batch_size": 64},
-            "masks": {"cell": 2, "hidden_ratio": 0.5, "search": {"epochs": 2}, **masks},
+            "masks": {"cell": 2, "hidden_ratio": 0.5, "privacy": "none", "search": TINY_SEARCH, **masks},
+            "attack": {**TINY_ATTACK, **(attack or {})},
         }
     )
 
@@ -96,9 +107,8 @@ def tiny_pipeline_params() -> dict:
     params["reference"].update(epochs=2, batch_size=64)
     params["train"].update(epochs=1, batch_size=64)
     params["masks"]["cell"] = 2
-    params["masks"]["search"]["epochs"] = 2
-    params["attack"].update(sample=200, attackers=["telea", "learned"])
-    params["attack"]["learned"].update(widths=[8], max_epochs=2, patience=1, data_shares=[0.5])
+    params["masks"]["search"].update(TINY_SEARCH, templates=["mean", "class_contrast"])
+    params["attack"].update(TINY_ATTACK)
     params["attack"]["thresholds"].update(max_psnr_gain=100, max_linkage_x_chance=10_000, max_recognition_recovery=1)
     return params
 
@@ -241,7 +251,7 @@ def tracked_params(gate: dict | None = None, enforce: bool = True):
         {
             "data": {"source": "digits"},
             "reference": {"epochs": 2, "batch_size": 64},
-            "masks": {"cell": 2, "hidden_ratio": 0.5, "search": {"epochs": 2}},
+            "masks": {"cell": 2, "hidden_ratio": 0.5, "privacy": "none", "search": TINY_SEARCH},
             "train": {"epochs": 2, "batch_size": 32},
             "attack": {"sample": 100, "attackers": ["telea"], "enforce": enforce, "thresholds": gate or LENIENT_GATE},
         }

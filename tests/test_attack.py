@@ -12,14 +12,13 @@ from typer.testing import CliRunner
 
 from conftest import copy_project, tiny_params
 from desensitize import inpainting, privacy
-from desensitize.attack_suite import Target, attack_suite
+from desensitize.attack_suite import Target, attack_suite, attacker_data
 from desensitize.cli import app
 from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
 from desensitize.masks import apply_mask
 from desensitize.paths import Paths
-from desensitize.release import ReleasedSplit
-from desensitize.stages.attack import _attacker_data, run_attack
+from desensitize.stages.attack import run_attack
 from desensitize.stages.masks import generate_masks
 
 CPU = torch.device("cpu")
@@ -250,9 +249,9 @@ def test_enforce_false_records_the_override_and_goes_on(tiny_project, tmp_path: 
 def test_per_image_masks_give_the_attacker_the_release_itself():
     public = inpainting.public_data(np.zeros((3, 1, 4, 4), np.uint8), np.zeros(3, np.int64))
     masks = np.random.default_rng(0).integers(0, 2, (2, 4, 4)).astype(np.uint8)
-    released = ReleasedSplit(np.full((2, 1, 4, 4), 9, np.uint8), np.ones(2, np.int64), masks)
-    data = _attacker_data(public, released, "image", release_data=True)
+    released, labels = np.full((2, 1, 4, 4), 9, np.uint8), np.ones(2, np.int64)
+    data = attacker_data(public, released, masks, labels, "image", release_data=True)
     assert len(data.images) == 5
     np.testing.assert_array_equal(data.known[3:], masks)  # it knows the released pixels where visible only
-    assert len(_attacker_data(public, released, "set", release_data=True).images) == 3  # one mask: nothing to add
-    assert len(_attacker_data(public, released, "image", release_data=False).images) == 3
+    assert len(attacker_data(public, released, masks, labels, "set", True).images) == 3  # one mask: nothing to add
+    assert len(attacker_data(public, released, masks, labels, "image", False).images) == 3

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import copy_project, tiny_params
+from conftest import FAILING_GATE, LENIENT_GATE, TINY_SEARCH, copy_project, tiny_params
 from desensitize.cli import app
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
@@ -26,6 +26,10 @@ def _checksums(paths: Paths) -> dict:
     return {e["file"]: e["sha256"] for split in release["shards"].values() for e in split}
 
 
+def _utilities(metrics: dict) -> dict[str, float]:
+    return {c["template"]: c["utility"] for c in metrics["search"]["candidates"]}
+
+
 def test_saliency_set_release_is_verified_and_holds_only_what_may_leave(tiny_project, tmp_path: Path):
     paths = _copy(tiny_project, tmp_path)
     metrics = generate_masks(tiny_params(), paths, device="cpu")
@@ -42,9 +46,13 @@ def test_saliency_set_release_is_verified_and_holds_only_what_may_leave(tiny_pro
     assert (released.images[hidden] == 0).all() and (raw.images[hidden] > 0).any()
     release = json.loads((paths.release / RELEASE_JSON).read_text())
     assert set(release["shards"]) == {"train", "test"}  # never the public split
-    scores = metrics["template_search"]  # the default masks.template = search scored every candidate
-    assert list(scores) == ["mean", "class_contrast", "mean_spread"] and all(0 < v <= 1 for v in scores.values())
+    scores = _utilities(metrics)  # the default masks.template = search scored every candidate
+    assert list(scores) == ["mean", "class_contrast", "mean_spread", "restorability"]
+    assert all(0 < v <= 1 for v in scores.values())
     assert release["template"] == metrics["template"] == max(scores, key=scores.__getitem__)
+    assert (
+        release["candidate"] == metrics["candidate"] == metrics["search"]["chosen"] == f"{metrics['template']} c2 h0.5"
+    )
     for figure in ("template.png", "mask.png", "samples.png"):
         assert (paths.masks_reports / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -54,7 +62,7 @@ def test_same_seed_same_masks_and_checksums(tiny_project, tmp_path: Path, scope:
     params = tiny_params(scope=scope, fill="noise")
     first, second = _copy(tiny_project, tmp_path / "a"), _copy(tiny_project, tmp_path / "b")
     first_metrics = generate_masks(params, first, device="cpu")
-    assert generate_masks(params, second, device="cpu")["template_search"] == first_metrics["template_search"]
+    assert generate_masks(params, second, device="cpu")["search"] == first_metrics["search"]
     assert _checksums(first) == _checksums(second)
     masks = load_released(first.release, "train").masks
     distinct = len({m.tobytes() for m in masks})
@@ -68,14 +76,14 @@ def test_same_seed_same_masks_and_checksums(tiny_project, tmp_path: Path, scope:
 
 def test_template_search_releases_the_mask_of_the_best_scoring_candidate(tiny_project, tmp_path: Path):
     searched = _copy(tiny_project, tmp_path / "search")
-    scores = generate_masks(tiny_params(), searched, device="cpu")["template_search"]
+    scores = _utilities(generate_masks(tiny_params(), searched, device="cpu"))
     masks = {}
-    for name in ("mean", "class_contrast", "mean_spread"):
+    for name in ("mean", "class_contrast", "mean_spread", "restorability"):
         paths = _copy(tiny_project, tmp_path / name)
         metrics = generate_masks(tiny_params(template=name), paths, device="cpu")
-        assert metrics["template"] == name and metrics["template_search"] is None
+        assert metrics["template"] == name and metrics["search"] is None
         masks[name] = load_released(paths.release, "train").masks[0]
-    assert len({mask.tobytes() for mask in masks.values()}) == 3  # three real candidates
+    assert len({mask.tobytes() for mask in masks.values()}) >= 3  # real candidates
     best = max(scores, key=scores.__getitem__)
     np.testing.assert_array_equal(load_released(searched.release, "train").masks[0], masks[best])
 
@@ -83,7 +91,7 @@ def test_template_search_releases_the_mask_of_the_best_scoring_candidate(tiny_pr
 def test_a_holdout_too_small_names_the_key_and_writes_nothing(tiny_project, tmp_path: Path):
     paths = _copy(tiny_project, tmp_path)
     with pytest.raises(DesensitizeError, match=r"masks.search.holdout = 0.0001 holds out 0 of \d+ train images"):
-        generate_masks(tiny_params(search={"holdout": 0.0001}), paths, device="cpu")
+        generate_masks(tiny_params(search={**TINY_SEARCH, "holdout": 0.0001}), paths, device="cpu")
     assert not paths.release.exists() and not paths.masks_metrics.exists()
 
 
@@ -166,3 +174,50 @@ def test_a_failed_verification_leaves_no_release(tiny_project, tmp_path: Path, m
         generate_masks(tiny_params(), paths, device="cpu")
     assert not paths.release.exists()
     assert sorted(p.name for p in paths.release.parent.iterdir()) == ["raw"]
+
+
+def test_the_gated_search_releases_a_candidate_that_passed_the_full_gate_and_records_the_search(
+    tiny_project, tmp_path: Path
+):
+    paths = _copy(tiny_project, tmp_path)
+    params = tiny_params(privacy="gate", attack={"thresholds": LENIENT_GATE})
+    metrics = generate_masks(params, paths, device="cpu")
+    search = metrics["search"]
+    candidates = {c["name"]: c for c in search["candidates"]}
+    chosen = candidates[metrics["candidate"]]
+    assert chosen["passed"] is True and set(chosen["full"]) == {
+        "psnr_gain",
+        "linkage_within_class",
+        "recognition_recovery",
+    }
+    # The most useful candidate passes a lenient gate: nothing more useful was skipped.
+    assert chosen["utility"] == max(c["utility"] for c in candidates.values())
+    assert all(c["screen"] is not None for c in candidates.values())  # every candidate was screened
+    assert search["screen_agreement"]["candidates"] == 1
+    release = json.loads((paths.release / RELEASE_JSON).read_text())
+    assert release["candidate"] == metrics["candidate"] and release["privacy"] == "gate"
+    assert release["search"] == search == json.loads((paths.masks_reports / "search.json").read_text())
+    verify_release(paths.release, paths.raw)
+
+
+def test_when_no_candidate_passes_the_gate_the_stage_names_the_closest_and_releases_nothing(
+    tiny_project, tmp_path: Path
+):
+    paths = _copy(tiny_project, tmp_path)
+    params = tiny_params(privacy="gate", attack={"thresholds": FAILING_GATE})
+    with pytest.raises(DesensitizeError, match=r"no mask candidate passes the privacy gate .*closest: \w+ c2 h0.5"):
+        generate_masks(params, paths, device="cpu")
+    assert not paths.release.exists() and not paths.masks_metrics.exists()
+    record = json.loads((paths.masks_reports / "search.json").read_text())
+    assert record["chosen"] is None and len(record["candidates"]) == 4
+
+
+def test_a_search_grid_that_cannot_mask_these_images_names_the_key_before_any_work(tiny_project, tmp_path: Path):
+    paths = _copy(tiny_project, tmp_path)
+    with pytest.raises(DesensitizeError, match=r"masks.search.hidden_ratios: 0.9 hides 4 of the 4 cells of 4 pixels"):
+        generate_masks(
+            tiny_params(search={**TINY_SEARCH, "cells": [2, 4], "hidden_ratios": [0.5, 0.9]}), paths, device="cpu"
+        )
+    with pytest.raises(DesensitizeError, match=r"masks.search.cells: cell 16 is larger than the 8x8 images"):
+        generate_masks(tiny_params(search={**TINY_SEARCH, "cells": [16]}), paths, device="cpu")
+    assert not paths.release.exists() and not paths.masks_reports.exists()

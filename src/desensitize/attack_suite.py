@@ -9,9 +9,12 @@ help: unless a score is flat, the gate judges it extrapolated to `attack.assumed
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,8 +23,10 @@ import torch
 from desensitize import inpainting, privacy
 from desensitize.config import AttackParams, GateThresholds
 from desensitize.inpainting import AttackerData, TrainedAttacker
+from desensitize.storage import atomic_path
 from desensitize.training import predict, to_float
 
+CACHE_KEEP = 8  # results kept in the attack cache, newest first
 SAMPLE_STREAM = 11
 HOLDOUT_STREAM = 12
 BLIND = ("mean_fill", "class_mean_fill")
@@ -115,6 +120,22 @@ class Scorer:
             "recognition_recovery": float(recovery.mean()),
             "recognition_recovery_interval": privacy.bootstrap_interval(recovery, level, seed=self.seed),
         }
+
+
+def attacker_data(
+    public: AttackerData, released: np.ndarray, masks: np.ndarray, labels: np.ndarray, scope: str, release_data: bool
+) -> AttackerData:
+    """What the learned attacker trains on: the public images, plus for per-image masks (with
+    `release_data`) the release itself, its visible pixels: other images show the cells this one
+    hides, and every recipient holds them."""
+    if scope != "image" or not release_data:
+        return public
+    return AttackerData.join([public, AttackerData(released, masks, labels)])
+
+
+def judged(result: dict[str, Any]) -> dict[str, float]:
+    """Each gated score at its worst over the attackers of an attack_suite result, as the gate judges it."""
+    return {s: max(scores["judged"][s] for scores in result["attackers"].values()) for s in GATED}
 
 
 def split_attacker_data(data: AttackerData, holdout: float, seed: int) -> tuple[AttackerData, AttackerData]:
@@ -265,3 +286,55 @@ def _judge_scaling(scores: dict[str, Any], curve: dict[str, Any], bounds: dict[s
 
 def _curve_scores(scores: dict[str, Any]) -> dict[str, float]:
     return {s: scores[s] for s in (*GATED, "linkage_top1")}
+
+
+def suite_digest(target: Target, attacker: AttackerData, fill: Callable, cfg: AttackParams, **kwargs: Any) -> str:
+    """sha256 of everything attack_suite's result depends on: the target and attacker arrays, a draw of
+    the fill, the attack params, the reference model's weights, the device type and the other arguments."""
+    h = hashlib.sha256()
+    arrays = [
+        target.released,
+        target.masks,
+        target.raw,
+        target.labels,
+        attacker.images,
+        attacker.known,
+        attacker.labels,
+    ]
+    arrays.append(np.asarray(fill((2, *target.raw.shape[1:]), 0)))
+    for array in arrays:
+        h.update(str((array.dtype, array.shape)).encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    model, device = kwargs.pop("model"), kwargs.pop("device")
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().numpy().tobytes())
+    h.update(json.dumps([cfg.model_dump(mode="json"), device.type, kwargs], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cached_attack_suite(
+    cache: Path, target: Target, attacker: AttackerData, fill: Callable, cfg: AttackParams, **kwargs: Any
+) -> dict[str, Any]:
+    """attack_suite, its result kept under `cache` by suite_digest: the same inputs give the stored result
+    (with `cached: True`) instead of a second run. Only the CACHE_KEEP newest results are kept."""
+    key = suite_digest(target, attacker, fill, cfg, **kwargs)
+    meta, arrays = cache / f"{key}.json", cache / f"{key}.npz"
+    if meta.exists() and arrays.exists():
+        result = json.loads(meta.read_text())
+        with np.load(arrays) as data:
+            result["reconstructions"] = {name: data[name] for name in result.pop("reconstruction_order")}
+        meta.touch()
+        return {**result, "cached": True}
+    result = attack_suite(target, attacker, fill, cfg, **kwargs)
+    cache.mkdir(parents=True, exist_ok=True)
+    recon = result["reconstructions"]
+    with atomic_path(arrays) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **recon)
+    body = {k: v for k, v in result.items() if k != "reconstructions"}
+    with atomic_path(meta) as tmp:
+        tmp.write_text(json.dumps({**body, "reconstruction_order": list(recon)}, default=float))
+    for old in sorted(cache.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[CACHE_KEEP:]:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".npz").unlink(missing_ok=True)
+    return {**result, "cached": False}

@@ -58,11 +58,20 @@ def _gate_lines(attack: dict[str, Any], params: Params) -> list[str]:
 def _mask_line(info: ReleaseInfo) -> str:
     template = f", {info.template} template" if info.template else ""
     method = f" ({info.method} attribution{template})" if info.method else ""
-    return (
+    line = (
         f"{info.strategy}{method} mask, {info.scope} scope: {info.n_hidden_cells} of {info.n_cells} "
         f"cells of {info.cell}x{info.cell} pixels hidden ({info.hidden_ratio:.1%}; "
         f"{info.hidden_ratio_pixels:.1%} of pixels), {info.fill} fill."
     )
+    if info.search and info.privacy == "gate":
+        n = len(info.search["candidates"])
+        line += (
+            f" Chosen by the privacy-constrained mask search: candidate '{info.candidate}', the most useful of {n} "
+            "candidates that passed the full privacy gate."
+        )
+    elif info.search:
+        line += f" Chosen by the mask search (utility only, no privacy constraint): candidate '{info.candidate}'."
+    return line
 
 
 def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest: str) -> None:

@@ -146,6 +146,7 @@ def summary() -> None:
         lines.append(
             f"masks      {m['strategy']}/{m['method'] or '-'}, {m['scope']} scope"
             + (f" ({m['template']} template)" if m.get("template") else "")
+            + (f", search candidate '{m['candidate']}'" if m.get("candidate") else "")
             + f": {m['n_hidden_cells']} of {m['n_cells']} "
             f"cells hidden; reference accuracy on masked test {m['reference_accuracy_on_masked_test']:.4f} "
             f"(random mask {m['reference_accuracy_on_random_masked_test']:.4f})"

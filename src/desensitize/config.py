@@ -80,7 +80,7 @@ class ScreenParams(_Section):
     fixed number of epochs, without the data-scaling curve, on the gate's sample."""
 
     width: int = Field(16, ge=4, le=256)
-    epochs: int = Field(8, ge=1, le=10_000)
+    epochs: int = Field(4, ge=1, le=10_000)
 
 
 class SearchParams(_Section):
@@ -93,8 +93,9 @@ class SearchParams(_Section):
         default=["mean", "class_contrast", "mean_spread", "restorability"], min_length=1
     )
     cells: list[int] = Field(default=[7, 4], min_length=1)
-    hidden_ratios: list[float] = Field(default=[0.75, 0.8125, 0.875, 0.9375], min_length=1)
-    scopes: list[Literal["set", "image"]] = Field(default=["set"], min_length=1)
+    hidden_ratios: list[float] = Field(default=[0.75, 0.875, 0.9375], min_length=1)
+    # null: masks.scope only; [set, image]: per-image masks join the search
+    scopes: list[Literal["set", "image"]] | None = Field(default=None, min_length=1)
     screen: ScreenParams = ScreenParams()
     max_full_gates: int = Field(3, ge=1, le=1000)  # full attack-suite runs before the search gives up
 

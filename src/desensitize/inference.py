@@ -76,7 +76,16 @@ class MaskedClassifier(nn.Module):
         if self.reference is not None:
             from desensitize.templates import per_image_saliency_masks  # captum, for this kind of release only
 
-            return per_image_saliency_masks(self.reference, images, self.mask_params, self.device, self.seed)
+            info = self.info
+            return per_image_saliency_masks(
+                self.reference,
+                images,
+                self.mask_params.attribution,
+                info.cell,
+                info.hidden_ratio_requested,
+                self.device,
+                self.seed,
+            )
         if self.info.strategy == "random":
             info = self.info
             return random_masks(n, height, width, info.cell, info.hidden_ratio_requested, self.seed, INFERENCE_STREAM)

@@ -101,10 +101,10 @@ def lineage(ref: str, paths: Paths) -> dict[str, Any]:
     mtags, mparams = (masks.data.tags, masks.data.params) if masks else ({}, {})
     raw_digest = mtags.get(item_tag("input", "raw/train"))
 
-    template = None  # set scope: the template the mask came from (masks.template may be `search`)
+    released: dict[str, Any] = {}  # what the masks run released (the search may pick template, cell and ratio)
     if masks:
         try:
-            template = mlflow.artifacts.load_dict(f"runs:/{masks.info.run_id}/metrics/masks.json").get("template")
+            released = mlflow.artifacts.load_dict(f"runs:/{masks.info.run_id}/metrics/masks.json")
         except (MlflowException, OSError) as exc:
             problems.append(f"masks run {masks.info.run_id}: no readable metrics/masks.json ({exc})")
 
@@ -150,10 +150,11 @@ def lineage(ref: str, paths: Paths) -> dict[str, Any]:
             masks or None,
             strategy=mparams.get("masks.strategy"),
             method=mparams.get("masks.attribution.method"),
-            hidden_ratio=mparams.get("masks.hidden_ratio"),
-            scope=mparams.get("masks.scope"),
-            cell=mparams.get("masks.cell"),
-            template=template,
+            hidden_ratio=released.get("hidden_ratio", mparams.get("masks.hidden_ratio")),
+            scope=released.get("scope", mparams.get("masks.scope")),
+            cell=released.get("cell", mparams.get("masks.cell")),
+            template=released.get("template"),
+            candidate=released.get("candidate"),
             reference_model_digest=mtags.get(item_tag("input", "model/reference")),
         ),
         "raw": {"path": "data/raw", "digest": raw_digest},
@@ -175,6 +176,7 @@ def format_text(chain: dict[str, Any]) -> str:
             f"mask run      {mr['run_id']}: {mr['strategy']} ({mr['method']}), {mr['scope']} scope, hidden ratio "
             f"{mr['hidden_ratio']}, cell {mr['cell']}"
             + (f", {mr['template']} template" if mr["template"] else "")
+            + (f", search candidate '{mr['candidate']}'" if mr.get("candidate") else "")
             + f"; reference model md5 {mr['reference_model_digest']}"
         )
         if mr

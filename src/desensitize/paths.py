@@ -54,6 +54,12 @@ class Paths:
     def attack_reports(self) -> Path:
         return self.root / "reports" / "attack"
 
+    @property
+    def attack_cache(self) -> Path:
+        """Full attack-suite results by the digest of their inputs (attack_suite.cached_attack_suite):
+        the attack stage reuses the mask search's run on the candidate it released. Not versioned."""
+        return self.root / ".cache" / "attack"
+
     def model(self, name: str) -> Path:
         """A model of the train / baselines stages: raw, plain_random, plain, masknet."""
         return self.root / "models" / f"{name}.npz"

@@ -63,6 +63,8 @@ class MaskSettings(BaseModel):
     noise_tunnel: bool | None
     scope: Literal["set", "image"]
     template: str | None  # set-scope saliency: the template the mask came from
+    candidate: str | None = None  # the mask-search candidate released (template, cell, hidden ratio)
+    privacy: Literal["gate", "none"] | None = None  # masks.privacy: gate = the release passed the full gate
     hidden_ratio_requested: float
     hidden_ratio: float  # hidden cells / cells, as achieved on the grid
     hidden_ratio_pixels: float
@@ -75,6 +77,9 @@ class MaskSettings(BaseModel):
     fill_seed: int | None  # noise fill
     image_shape: list[int]
     class_names: list[str]
+    # The search: every candidate's settings, utility and privacy scores, the winner and the screen's
+    # agreement with the full gate (desensitize.mask_search); None for a single candidate, ungated.
+    search: dict[str, Any] | None = None
 
 
 class ReleaseInfo(MaskSettings):

@@ -1,78 +1,118 @@
-"""Attribution-guided masks: set-scope critical templates and their held-out search, and per-image
-saliency masks (one mask per image from its own attribution map).
+"""Attribution-guided masks: set-scope critical templates, the privacy-aware `restorability` template,
+the held-out utility score the mask search ranks candidates by, and per-image saliency masks (one mask
+per image from its own attribution map).
 
 A set-scope template is one (H, W) map built from the train images' attribution maps; its mask
-keeps the cells holding the most of it. `search` builds every template and keeps the one whose
-mask lets a model trained through it score best on a seeded held-out share of train.
+keeps the cells holding the most of it.
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from desensitize.attribution import attribution_maps
-from desensitize.config import TEMPLATES, MaskParams, Params
+from desensitize.config import AttributionParams, Params
 from desensitize.errors import DesensitizeError
-from desensitize.masks import SEARCH_STREAM, class_contrast, mask_from_maps
-from desensitize.release import FILL_STREAMS, channel_mean, mask_images
+from desensitize.masks import (
+    SEARCH_STREAM,
+    cell_scores,
+    class_contrast,
+    expand,
+    grid_shape,
+    hide_lowest,
+    mask_from_maps,
+    n_hidden_cells,
+)
 from desensitize.splits import Split
 from desensitize.training import fit_and_score, predict, to_float
 
-log = logging.getLogger(__name__)
+RESTORABILITY_RIDGE = 1e-3  # ridge on the visible pixels' covariance (pixel values in [0, 1])
+RESTORABILITY_DETAIL = 4  # per cell side, the pooled values restorability is computed on
 
 
-@dataclass
-class Saliency:
-    masks: dict[str, np.ndarray]  # per split
-    template: np.ndarray  # (H, W), the figure; for set scope also what the mask came from
-    template_name: str | None  # set scope: which template made the mask
-    search: dict[str, float] | None  # masks.template = search: each candidate's held-out accuracy
-    rate: float  # images/s of attribution
-
-
-def saliency_masks(params: Params, splits: dict[str, Split], model: torch.nn.Module, device: torch.device) -> Saliency:
-    """Masks from attribution maps of the train images against their labels."""
-    cfg, seed, train = params.masks, params.seed, splits["train"]
-    # A bad held-out share fails before the attribution work.
-    held_out = search_split(len(train.images), params) if cfg.scope == "set" and cfg.template == "search" else None
-    start = time.perf_counter()
-    train_maps = attribution_maps(
-        model, to_float(train.images), torch.as_tensor(train.labels), cfg.attribution, device=device, seed=seed
-    ).numpy()
-    rate = len(train.images) / (time.perf_counter() - start)
-    if cfg.scope == "image":
-        masks = {"train": mask_from_maps(train_maps, cfg.cell, cfg.hidden_ratio)}
-        for name, split in splits.items():
-            if name != "train":
-                masks[name] = per_image_saliency_masks(model, split.images, cfg, device, seed)
-        return Saliency(masks, train_maps.mean(axis=0), None, None, rate)
-    candidates = set_mask_candidates(train_maps, train.labels, cfg)
-    masks = {name: mask for name, (_, mask) in candidates.items()}
-    scores = search_template(masks, train, held_out, params, device) if held_out is not None else None
-    chosen = max(scores, key=scores.__getitem__) if scores else cfg.template  # ties: the first, `mean`
-    template, mask = candidates[chosen]
-    return Saliency({name: mask for name in splits}, template, chosen, scores, rate)
-
-
-def set_mask_candidates(
-    maps: np.ndarray, labels: np.ndarray, cfg: MaskParams
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Set scope: template name -> (its (H, W) map of the train attribution maps, its set mask).
-    Every template of TEMPLATES when masks.template = search (in that order), else the one named.
-    `mean`: the mean map; `class_contrast`: the between-class spread (masks.class_contrast);
-    `mean_spread`: the mean map's cells kept apart (masks.spread_ranks)."""
-    names = [name for name in TEMPLATES if name != "search"] if cfg.template == "search" else [cfg.template]
-    mean = maps.mean(axis=0)
-    candidates = {}
+def set_templates(maps: np.ndarray, train: Split, names: list[str], cell: int, keep: int) -> dict[str, np.ndarray]:
+    """Set-scope templates: name -> (H, W) map (for `restorability`, the (gh, gw) rank scores at `cell`)
+    of the train attribution maps. `mean`: the mean map; `class_contrast`: the between-class spread
+    (masks.class_contrast); `mean_spread`: the mean map, its cells kept apart when masked
+    (masks.spread_ranks); `restorability`: see restorability_ranks (ranked up to `keep` cells)."""
+    out = {}
     for name in names:
-        template = class_contrast(maps, labels) if name == "class_contrast" else mean
-        candidates[name] = template, mask_from_maps(template, cfg.cell, cfg.hidden_ratio, spread=name == "mean_spread")
-    return candidates
+        if name in ("mean", "mean_spread"):
+            out[name] = maps.mean(axis=0)
+        elif name == "class_contrast":
+            out[name] = class_contrast(maps, train.labels)
+        else:
+            evidence = cell_scores(class_contrast(maps, train.labels), cell)
+            out[name] = restorability_ranks(evidence, train.images, train.labels, cell, keep)
+    return out
+
+
+def template_mask(name: str, template: np.ndarray, cell: int, ratio: float, shape: tuple[int, int]) -> np.ndarray:
+    """The set mask of a template at a cell size and hidden ratio."""
+    if name == "restorability":  # rank scores per cell already
+        height, width = shape
+        return expand(hide_lowest(template, n_hidden_cells(template.size, ratio)), height, width, cell)
+    return mask_from_maps(template, cell, ratio, spread=name == "mean_spread")
+
+
+def within_class_covariance(images: np.ndarray, labels: np.ndarray, cell: int) -> np.ndarray:
+    """Covariance of the images around their class means, on the images average-pooled to at most
+    RESTORABILITY_DETAIL x RESTORABILITY_DETAIL values per cell (channels averaged): (P, P), P = cells x
+    detail^2, in grid-cell-major order so cell k owns columns [k * d^2, (k + 1) * d^2)."""
+    _, _, height, width = images.shape
+    gh, gw = grid_shape(height, width, cell)
+    d = min(cell, RESTORABILITY_DETAIL)
+    x = to_float(images).mean(dim=1, keepdim=True)
+    x = F.pad(x, (0, gw * cell - width, 0, gh * cell - height))
+    x = F.adaptive_avg_pool2d(x, (gh * d, gw * d)).numpy().astype(np.float64)
+    x = x.reshape(len(x), gh, d, gw, d).transpose(0, 1, 3, 2, 4).reshape(len(x), -1)
+    for c in np.unique(labels):
+        x[labels == c] -= x[labels == c].mean(axis=0)
+    return x.T @ x / max(len(x), 1)
+
+
+def restorability(cov: np.ndarray, kept: np.ndarray) -> float:
+    """Share of the hidden cells' within-class variance a linear (ridge) predictor reads off the kept
+    cells: tr(S_hv (S_vv + r I)^-1 S_vh) / tr(S_hh), with `kept` the (gh, gw) cell mask (1 = visible).
+    What the label does not already tell an attacker about the hidden pixels, and the visible ones do."""
+    per_cell = cov.shape[0] // kept.size
+    visible = np.repeat(kept.ravel().astype(bool), per_cell)
+    total = np.trace(cov[np.ix_(~visible, ~visible)])
+    if not visible.any() or total <= 0:
+        return 0.0
+    s_vv = cov[np.ix_(visible, visible)] + RESTORABILITY_RIDGE * np.eye(int(visible.sum()))
+    s_vh = cov[np.ix_(visible, ~visible)]
+    return float(np.sum(s_vh * np.linalg.solve(s_vv, s_vh)) / total)
+
+
+def restorability_ranks(
+    evidence: np.ndarray, images: np.ndarray, labels: np.ndarray, cell: int, keep: int
+) -> np.ndarray:
+    """The privacy-aware template, (gh, gw) rank scores (higher = kept sooner): cells are kept greedily,
+    each time the one that adds the most class evidence (its share of `evidence`, the between-class
+    spread of attribution per cell) minus the restorability it adds (see `restorability`, on the train
+    images): both are shares, so a cell is worth keeping when it tells more about the class than it lets
+    an attacker redraw of the rest. The first `keep` cells are ranked in the order chosen, the others
+    after them by evidence."""
+    gh, gw = evidence.shape
+    share = evidence.ravel() / max(float(evidence.sum()), 1e-12)
+    cov = within_class_covariance(images, labels, cell)
+    kept = np.zeros(gh * gw, dtype=np.uint8)
+    ranks = share / 2  # below every greedy rank (>= 1)
+    current = 0.0
+    for step in range(min(keep, gh * gw - 1)):
+        best, best_gain, best_r = -1, -np.inf, 0.0
+        for c in np.flatnonzero(kept == 0):
+            kept[c] = 1
+            r = restorability(cov, kept.reshape(gh, gw))
+            kept[c] = 0
+            gain = share[c] - max(r - current, 0.0)
+            if gain > best_gain:
+                best, best_gain, best_r = c, gain, r
+        kept[best], ranks[best], current = 1, gh * gw - step, best_r
+    return ranks.reshape(gh, gw)
 
 
 def search_split(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
@@ -87,49 +127,46 @@ def search_split(n: int, params: Params) -> tuple[np.ndarray, np.ndarray]:
     return order[:n_holdout], order[n_holdout:]
 
 
-def search_template(
-    masks: dict[str, np.ndarray],
-    train: Split,
+def held_out_utility(
+    images: np.ndarray,
+    labels: np.ndarray,
     held_out: tuple[np.ndarray, np.ndarray],
     params: Params,
+    *,
+    num_classes: int,
     device: torch.device,
-) -> dict[str, float]:
-    """Score each candidate's set mask (template name -> (H, W) mask) by what a model can still
-    learn through it: a model with the reference's backbone and optimiser, trained
-    `masks.search.epochs` epochs on the masked train images `rest`, scored on the `held-out` ones
-    (see search_split). Test data is never used. Returns the held-out accuracy per template, in the
-    order given. (Too few epochs favour a compact central mask that is quick to learn over a
-    spread one that ends up better.)"""
-    cfg = params.masks
+    name: str,
+) -> float:
+    """What a model can still learn through a mask: a model with the reference's backbone and optimiser,
+    trained `masks.search.epochs` epochs on the masked train images `rest`, scored on the `held-out`
+    ones (see search_split). Test data is never used. (Too few epochs favour a compact central mask
+    that is quick to learn over a spread one that ends up better.)"""
     holdout, rest = held_out
-    mean = channel_mean(train)
-    scores: dict[str, float] = {}
-    scored: dict[bytes, float] = {}  # candidates that give the same mask are scored once
-    for name, mask in masks.items():
-        if mask.tobytes() not in scored:
-            images = mask_images(train, mask, cfg.fill, mean, params.seed, FILL_STREAMS["train"])
-            scored[mask.tobytes()] = fit_and_score(
-                params.reference,
-                images[rest],
-                train.labels[rest],
-                images[holdout],
-                train.labels[holdout],
-                num_classes=len(train.class_names),
-                seed=params.seed,
-                device=device,
-                epochs=cfg.search.epochs,
-                name=f"search {name}",
-            )
-        scores[name] = scored[mask.tobytes()]
-        log.info("template search: %s mask, held-out accuracy %.4f", name, scores[name])
-    return scores
+    return fit_and_score(
+        params.reference,
+        images[rest],
+        labels[rest],
+        images[holdout],
+        labels[holdout],
+        num_classes=num_classes,
+        seed=params.seed,
+        device=device,
+        epochs=params.masks.search.epochs,
+        name=f"search {name}",
+    )
 
 
 def per_image_saliency_masks(
-    model: torch.nn.Module, images: np.ndarray, cfg: MaskParams, device: torch.device, seed: int
+    model: torch.nn.Module,
+    images: np.ndarray,
+    cfg: AttributionParams,
+    cell: int,
+    ratio: float,
+    device: torch.device,
+    seed: int,
 ) -> np.ndarray:
     """Image-scope masks where labels are unknown (test, inference): each image is attributed
     against the reference model's own prediction."""
     targets = torch.as_tensor(predict(model, images, device))
-    maps = attribution_maps(model, to_float(images), targets, cfg.attribution, device=device, seed=seed)
-    return mask_from_maps(maps.numpy(), cfg.cell, cfg.hidden_ratio)
+    maps = attribution_maps(model, to_float(images), targets, cfg, device=device, seed=seed)
+    return mask_from_maps(maps.numpy(), cell, ratio)

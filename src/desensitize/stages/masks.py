@@ -1,34 +1,56 @@
-"""The `masks` stage: attribution -> critical template -> cell mask -> verified release bundle.
+"""The `masks` stage: attribution -> candidate masks -> the privacy-constrained search -> verified
+release bundle.
 
-Owner side. Reads raw `train`/`test` and the reference model; writes `data/release/` (verified
-before it is moved into place), `metrics/masks.json` and the figures in `reports/masks/`.
+Owner side. Reads raw `train`/`test` (and, for the privacy gate, `public`: what the attacker trains
+on) and the reference model; writes `data/release/` (verified before it is moved into place),
+`metrics/masks.json` and the figures in `reports/masks/`. With masks.privacy = gate the release is
+the most useful candidate that passes the full privacy gate (desensitize.mask_search); the stage
+fails naming the closest candidate when none does.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import numpy as np
+import torch
+
+from desensitize.attack_suite import (
+    Target,
+    attack_suite,
+    attacker_data,
+    cached_attack_suite,
+    judged,
+    limits,
+    sample_indices,
+)
+from desensitize.attribution import attribution_maps
+from desensitize.candidates import candidates, check_grid
 from desensitize.checkpoints import load_checkpoint
 from desensitize.config import Params
-from desensitize.errors import DesensitizeError
-from desensitize.masks import geometric_mask, grid_shape, n_hidden_cells
+from desensitize.inpainting import public_data, release_fill
+from desensitize.mask_search import Candidate, SearchFailed, search
+from desensitize.masks import grid_shape, n_hidden_cells
 from desensitize.paths import Paths
+from desensitize.privacy import linkage_chance
 from desensitize.release import (
+    FILL_STREAMS,
     MaskSettings,
     ReleasedSplit,
     channel_mean,
+    mask_images,
     masked,
     random_counterpart,
-    random_split_masks,
     verify_release,
     write_release,
 )
 from desensitize.reports import heatmap, image_grid
 from desensitize.splits import Split, load_split
 from desensitize.storage import atomic_dir, write_json
-from desensitize.templates import Saliency, saliency_masks
-from desensitize.training import best_device, predict
+from desensitize.templates import held_out_utility, search_split
+from desensitize.training import best_device, predict, to_float
 
 log = logging.getLogger(__name__)
 
@@ -37,60 +59,78 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     """Run the stage; returns the metrics written to `metrics/masks.json`."""
     cfg = params.masks
     splits = {name: load_split(paths.raw, name) for name in ("train", "test")}
-    _, channels, height, width = splits["train"].images.shape
-    if cfg.cell > min(height, width):
-        raise DesensitizeError(f"masks.cell = {cfg.cell}: larger than the {height}x{width} images")
-    gh, gw = grid_shape(height, width, cfg.cell)
-    n_hidden = n_hidden_cells(gh * gw, cfg.hidden_ratio)
+    train, test = splits["train"], splits["test"]
+    _, channels, height, width = train.images.shape
+    check_grid(cfg, height, width)  # a bad grid fails before any work
     torch_device = best_device(device)
     model, _ = load_checkpoint(paths.reference_model, torch_device)
 
-    saliency = None
+    maps, rate = None, None
     if cfg.strategy == "saliency":
-        saliency = saliency_masks(params, splits, model, torch_device)
-        masks = saliency.masks
-        log.info("%s attribution: %.0f images/s on %s", cfg.attribution.method, saliency.rate, torch_device)
-    elif cfg.strategy == "random":
-        masks = random_split_masks(cfg, splits, params.seed)
-    else:
-        mask = geometric_mask(cfg.strategy, height, width, cfg.cell, cfg.hidden_ratio)
-        masks = {name: mask for name in splits}
-
-    mean = channel_mean(splits["train"])
+        start = time.perf_counter()
+        maps = attribution_maps(
+            model,
+            to_float(train.images),
+            torch.as_tensor(train.labels),
+            cfg.attribution,
+            device=torch_device,
+            seed=params.seed,
+        ).numpy()
+        rate = len(train.images) / (time.perf_counter() - start)
+        log.info("%s attribution: %.0f images/s on %s", cfg.attribution.method, rate, torch_device)
+    found = candidates(cfg, train, params.seed, maps=maps, model=model, device=torch_device)
+    mean = channel_mean(train)
+    chosen, record = _choose(params, paths, found, train, mean, model, torch_device)
+    masks = {name: chosen.extra["masks_for"](name, split) for name, split in splits.items()}
     released = masked(splits, masks, cfg.fill, mean, params.seed)
 
-    test = splits["test"]
-    random_test = random_counterpart(cfg, {"test": test}, mean, params.seed)["test"].images
+    settings_of = chosen.settings
+    gh, gw = grid_shape(height, width, settings_of["cell"])
+    random_test = random_counterpart(
+        cfg.model_copy(
+            update={
+                "strategy": "random",
+                "scope": settings_of["scope"],
+                "cell": settings_of["cell"],
+                "hidden_ratio": settings_of["hidden_ratio_requested"],
+            }
+        ),
+        {"test": test},
+        mean,
+        params.seed,
+    )["test"].images
     accuracy = {
         "raw": float((predict(model, test.images, torch_device) == test.labels).mean()),
         "masked": float((predict(model, released["test"].images, torch_device) == test.labels).mean()),
         "random": float((predict(model, random_test, torch_device) == test.labels).mean()),
     }
-    hidden_pixels = float(1 - released["train"].masks.mean())
     settings = MaskSettings(
         strategy=cfg.strategy,
         method=cfg.attribution.method if cfg.strategy == "saliency" else None,
         noise_tunnel=cfg.attribution.noise_tunnel if cfg.strategy == "saliency" else None,
-        scope=cfg.scope,
-        template=saliency.template_name if saliency else None,
-        hidden_ratio_requested=cfg.hidden_ratio,
-        hidden_ratio=n_hidden / (gh * gw),
-        hidden_ratio_pixels=hidden_pixels,
-        cell=cfg.cell,
+        scope=settings_of["scope"],
+        template=settings_of.get("template"),
+        candidate=chosen.name,
+        privacy=cfg.privacy,
+        hidden_ratio_requested=settings_of["hidden_ratio_requested"],
+        hidden_ratio=settings_of["hidden_ratio"],
+        hidden_ratio_pixels=float(1 - released["train"].masks.mean()),
+        cell=settings_of["cell"],
         grid=(gh, gw),
         n_cells=gh * gw,
-        n_hidden_cells=n_hidden,
+        n_hidden_cells=n_hidden_cells(gh * gw, settings_of["hidden_ratio_requested"]),
         fill=cfg.fill,
         fill_value=mean.tolist() if cfg.fill == "mean" else [0] * channels,
         fill_seed=params.seed if cfg.fill == "noise" else None,
         image_shape=[channels, height, width],
         class_names=list(test.class_names),
+        search=record,
     )
     with atomic_dir(paths.release) as tmp:
         write_release(tmp, released, settings=settings, shard_size=params.data.shard_size)
         verify_release(tmp, paths.raw)  # nothing unverified ever lands in data/release
 
-    _figures(paths, saliency, released, splits["train"])
+    _figures(paths, chosen, released, train)
     metrics = {
         **settings.model_dump(
             include={
@@ -98,6 +138,8 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
                 "method",
                 "scope",
                 "template",
+                "candidate",
+                "privacy",
                 "hidden_ratio",
                 "hidden_ratio_pixels",
                 "n_cells",
@@ -106,8 +148,8 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
                 "fill",
             }
         ),
-        "template_search": saliency.search if saliency else None,
-        "attribution_images_per_second": saliency.rate if saliency else None,
+        "search": record,
+        "attribution_images_per_second": rate,
         "device": torch_device.type,
         "reference_accuracy_on_raw_test": accuracy["raw"],
         "reference_accuracy_on_masked_test": accuracy["masked"],
@@ -115,27 +157,101 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     }
     write_json(paths.masks_metrics, metrics)
     log.info(
-        "hid %d of %d cells; reference accuracy on test: raw %.4f, %s mask %.4f, random mask %.4f",
-        n_hidden,
+        "released %s: hid %d of %d cells; reference accuracy on test: raw %.4f, masked %.4f, random mask %.4f",
+        chosen.name,
+        settings.n_hidden_cells,
         gh * gw,
         accuracy["raw"],
-        cfg.strategy,
         accuracy["masked"],
         accuracy["random"],
     )
     return metrics
 
 
-def _figures(paths: Paths, saliency: Saliency | None, released: dict[str, ReleasedSplit], raw: Split) -> None:
+def _choose(
+    params: Params,
+    paths: Paths,
+    found: list[Candidate],
+    train: Split,
+    mean: np.ndarray,
+    model: torch.nn.Module,
+    device: torch.device,
+) -> tuple[Candidate, dict[str, Any] | None]:
+    """The candidate to release and the search's record (None for a single candidate without the gate)."""
+    cfg, seed = params.masks, params.seed
+    if cfg.privacy == "none" and len(found) == 1:
+        return found[0], None
+    held_out = search_split(len(train.images), params)
+    n_classes = len(train.class_names)
+
+    def released(c: Candidate) -> np.ndarray:
+        return mask_images(train, c.masks, cfg.fill, mean, seed, FILL_STREAMS["train"])
+
+    def utility(c: Candidate) -> float:
+        return held_out_utility(
+            released(c), train.labels, held_out, params, num_classes=n_classes, device=device, name=c.name
+        )
+
+    if cfg.privacy == "none":
+        for c in found:
+            c.utility = utility(c)
+            log.info("candidate %s: held-out accuracy %.4f", c.name, c.utility)
+        chosen = max(found, key=lambda c: c.utility)  # ties: the first
+        return chosen, {"chosen": chosen.name, "candidates": [c.record() for c in found]}
+
+    attack = params.attack
+    public = load_split(paths.raw, "public")
+    public_set = public_data(public.images, public.labels)
+    idx = sample_indices(len(train.images), attack.sample, seed)
+    fill = release_fill(cfg.fill, mean.tolist() if cfg.fill == "mean" else [0] * train.images.shape[1], seed)
+    chance = linkage_chance(len(idx), train.labels[idx], attack.gallery)
+    bounds = limits(attack.thresholds, chance)
+    common = {"num_classes": n_classes, "model": model, "device": device, "seed": seed}
+    screen_cfg = attack.model_copy(update={"attackers": ["learned"]})
+
+    def target(c: Candidate) -> tuple[Target, Any]:
+        images = released(c)
+        masks = c.masks if c.masks.ndim == 3 else np.broadcast_to(c.masks, (len(images), *c.masks.shape))
+        t = Target(images[idx], np.ascontiguousarray(masks[idx]), train.images[idx], train.labels[idx])
+        data = attacker_data(public_set, images, masks, train.labels, c.settings["scope"], attack.learned.release_data)
+        return t, data
+
+    def screen(c: Candidate) -> dict[str, float]:
+        s = cfg.search.screen
+        result = attack_suite(*target(c), fill, screen_cfg, **common, widths=[s.width], epochs=s.epochs, scaling=False)
+        return judged(result)
+
+    def full(c: Candidate) -> dict[str, float]:  # the attack stage finds this run in the cache
+        return judged(cached_attack_suite(paths.attack_cache, *target(c), fill, attack, **common))
+
+    try:
+        result = search(
+            found,
+            utility=utility,
+            screen=screen,
+            full=full,
+            limits=bounds,
+            max_full_gates=cfg.search.max_full_gates,
+            base={"linkage_within_class": chance},
+        )
+    except SearchFailed as failed:
+        write_json(paths.masks_reports / "search.json", failed.result.record())
+        raise
+    write_json(paths.masks_reports / "search.json", result.record())
+    return result.chosen, result.record()
+
+
+def _figures(paths: Paths, chosen: Candidate, released: dict[str, ReleasedSplit], raw: Split) -> None:
     out = paths.masks_reports
-    if saliency is not None:
+    template = chosen.extra.get("template")
+    if template is not None:
         title = {
             "mean": "mean attribution",
             "class_contrast": "between-class spread of attribution",
             "mean_spread": "mean attribution, cells kept apart",
+            "restorability": "cell rank: class evidence minus restorability",
         }
-        name = saliency.template_name or "mean"
-        heatmap(saliency.template, out / "template.png", f"critical template ({title[name]}, train)")
+        heatmap(template, out / "template.png", f"critical template ({title[chosen.settings['template']]}, train)")
     visible = released["train"].masks.mean(axis=0)
     heatmap(visible, out / "mask.png", "mask: share of images where a pixel is visible", cmap="gray")
     k = min(8, len(raw.images))

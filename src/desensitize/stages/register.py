@@ -53,6 +53,8 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         "mask_strategy": info.strategy,
         "mask_method": str(info.method),
         "mask_template": str(info.template),  # set scope: the template the mask came from
+        "mask_candidate": str(info.candidate),  # the mask-search candidate released
+        "mask_cell": str(info.cell),
         "mask_scope": info.scope,
         "hidden_ratio": repr(info.hidden_ratio),
         "registration_run_id": run.info.run_id,

@@ -1,0 +1,174 @@
+"""At equal privacy: the privacy-constrained search over attribution-guided masks against the same
+search over random masks (same budget: as many seeded random draws per cell and hidden ratio as there
+are templates), both held to the same gate.
+
+Per seed: the pipeline's ingest and reference stages in a temporary workspace, then the masks stage
+twice (masks.strategy saliency, then random; masks.template = search, masks.privacy = gate). For each
+release, `plain` (the `train` params) is trained on the masked train split and scored on the masked
+test split. Every setting not given below comes from --params (default params.yaml).
+
+Prints per seed the candidate each search released, its test accuracy, the full-gate runs and the
+screen's agreement with the full gate; then the margin (saliency - random) as mean +- std over seeds.
+A search that finds no passing candidate is reported as such (accuracy: none). Rows go to --out.
+
+    python benchmarks/mask_search.py --seeds 0,1,2
+    python benchmarks/mask_search.py --source fashion-mnist --path DIR --split 0.06,0.02,0.02
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from desensitize.config import parse_params
+from desensitize.errors import DesensitizeError
+from desensitize.mask_search import SearchFailed
+from desensitize.paths import Paths
+from desensitize.release import load_released
+from desensitize.splits import load_split
+from desensitize.stages.ingest import ingest
+from desensitize.stages.masks import generate_masks
+from desensitize.stages.reference import train_reference
+from desensitize.training import best_device, fit_and_score
+
+
+def _plain_accuracy(params, paths: Paths, device) -> float:
+    """`plain` trained on the released train split, scored on the released test split."""
+    train, test = load_released(paths.release, "train"), load_released(paths.release, "test")
+    return fit_and_score(
+        params.train,
+        train.images,
+        train.labels,
+        test.images,
+        test.labels,
+        num_classes=len(load_split(paths.raw, "test").class_names),
+        seed=params.seed,
+        device=device,
+        name="plain",
+    )
+
+
+def run_seed(params, root: Path, device) -> list[dict[str, Any]]:
+    base = Paths(root / f"seed{params.seed}")
+    ingest(params, base)
+    train_reference(params, base, device=str(device))
+    rows = []
+    for strategy in ("saliency", "random"):
+        point = params.model_copy(
+            update={"masks": params.masks.model_copy(update={"strategy": strategy, "template": "search"})}
+        )
+        paths = Paths(base.root / strategy)
+        for link, target in ((paths.raw, base.raw), (paths.reference_model, base.reference_model)):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(target.resolve())
+        start = time.perf_counter()
+        row: dict[str, Any] = {"seed": params.seed, "strategy": strategy}
+        try:
+            metrics = generate_masks(point, paths, device=str(device))
+            record = metrics["search"]
+            row.update(candidate=metrics["candidate"], plain=_plain_accuracy(point, paths, device))
+        except SearchFailed as failed:
+            record = failed.result.record()
+            row.update(candidate=None, plain=None, failure=str(failed))
+        chosen = next((c for c in record["candidates"] if c["name"] == record["chosen"]), None)
+        gated = [c for c in record["candidates"] if c["full"] is not None]
+        row.update(
+            utility=chosen and chosen["utility"],
+            full_gate_runs=len(gated),
+            judged=chosen and chosen["full"],
+            spearman=record["screen_agreement"]["spearman"],
+            screen_passed_full_failed=record["screen_agreement"]["screen_passed_full_failed"],
+            seconds=round(time.perf_counter() - start, 1),
+            gated=[(c["name"], c["screen"], c["full"]) for c in gated],
+        )
+        rows.append(row)
+        accuracy = "none (no candidate passed)" if row["plain"] is None else f"{row['plain']:.4f}"
+        print(
+            f"seed {params.seed} {strategy:<8} released {row['candidate']}: plain test accuracy {accuracy}; "
+            f"{len(gated)} full-gate runs; {row['seconds']} s",
+            flush=True,
+        )
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    by = {(r["seed"], r["strategy"]): r for r in rows}
+    lines = [
+        "",
+        "| seed | saliency: candidate | plain | random: candidate | plain | margin |",
+        "|---|---|---|---|---|---|",
+    ]
+    margins = []
+    for seed in seeds:
+        s, r = by[(seed, "saliency")], by[(seed, "random")]
+        margin = None
+        if s["plain"] is not None:
+            margin = s["plain"] - (r["plain"] if r["plain"] is not None else 0.0)  # no passing random mask: 0
+            margins.append(margin)
+
+        def cell(x: dict[str, Any]) -> str:
+            return f"{x['candidate']} | {x['plain']:.4f}" if x["plain"] is not None else "none passed | -"
+
+        lines.append(f"| {seed} | {cell(s)} | {cell(r)} | {'-' if margin is None else f'{margin:+.4f}'} |")
+    for strategy in ("saliency", "random"):
+        values = np.array(
+            [by[(seed, strategy)]["plain"] for seed in seeds if by[(seed, strategy)]["plain"] is not None]
+        )
+        if len(values):
+            spread = values.std(ddof=1) if len(values) > 1 else 0.0
+            lines.append(f"\n{strategy}: plain {values.mean():.4f} +- {spread:.4f} over {len(values)} seeds")
+    if margins:
+        m = np.array(margins)
+        lines.append(
+            f"margin (saliency - best passing random): {m.mean():+.4f} +- {m.std(ddof=1) if len(m) > 1 else 0:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings not given below")
+    parser.add_argument("--source", default=None, help="data.source (default: the params file's)")
+    parser.add_argument("--path", default=None, help="data.path (fashion-mnist: the IDX directory)")
+    parser.add_argument("--split", default=None, help="train,test,public fractions (default: the params file's)")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=Path("reports/mask_search.csv"))
+    args = parser.parse_args()
+    base = yaml.safe_load(args.params.read_text()) or {}
+    data = base.setdefault("data", {})
+    if args.source:
+        data.update(source=args.source, path=args.path)
+    if args.split:
+        data["split"] = dict(zip(("train", "test", "public"), (float(x) for x in args.split.split(",")), strict=True))
+    device = best_device(args.device)
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mask-search-") as root:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                params = parse_params({**copy.deepcopy(base), "seed": seed}, origin=str(args.params))
+                rows += run_seed(params, Path(root), device)
+    except DesensitizeError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(summarise(rows))
+    print(f"\n{len(rows)} searches in {time.perf_counter() - start:.0f} s on {device}; rows in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

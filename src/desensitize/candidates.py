@@ -1,0 +1,136 @@
+"""The masks the `masks` stage chooses among: one per setting of masks.* (template, cell, hidden ratio,
+scope), or with masks.template = search the grid of masks.search (templates x cells x hidden ratios x
+scopes; for the `random` strategy as many seeded random draws per cell and ratio as there are
+templates, the same search budget).
+
+Each candidate carries its train mask(s), what the search scores, and a rule that gives the masks of
+any other split once it is chosen (per-image saliency masks are attributed only then).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from itertools import product
+
+import numpy as np
+import torch
+
+from desensitize.config import MaskParams
+from desensitize.errors import DesensitizeError
+from desensitize.mask_search import Candidate
+from desensitize.masks import geometric_mask, grid_shape, mask_from_maps, n_hidden_cells, random_masks
+from desensitize.release import FILL_STREAMS
+from desensitize.splits import Split
+from desensitize.templates import per_image_saliency_masks, set_templates, template_mask
+
+MasksFor = Callable[[str, Split], np.ndarray]  # (split name, split) -> its (H, W) or (N, H, W) masks
+
+
+def _axes(cfg: MaskParams) -> tuple[list[str], list[int], list[float], list[str]]:
+    if cfg.template == "search":
+        s = cfg.search
+        return list(s.templates), list(s.cells), list(s.hidden_ratios), list(s.scopes or [cfg.scope])
+    return [cfg.template], [cfg.cell], [cfg.hidden_ratio], [cfg.scope]
+
+
+def check_grid(cfg: MaskParams, height: int, width: int) -> None:
+    """Every cell size fits the images and every ratio hides at least one cell and keeps one."""
+    _, cells, ratios, _ = _axes(cfg)
+    searched = cfg.template == "search"
+    cell_key, ratio_key = (
+        ("masks.search.cells", "masks.search.hidden_ratios") if searched else ("masks.cell", "masks.hidden_ratio")
+    )
+    for cell in cells:
+        if cell > min(height, width):
+            raise DesensitizeError(f"{cell_key}: cell {cell} is larger than the {height}x{width} images")
+        gh, gw = grid_shape(height, width, cell)
+        for ratio in ratios:
+            n_hidden = math.floor(ratio * gh * gw + 0.5)
+            if not 0 < n_hidden < gh * gw:
+                raise DesensitizeError(
+                    f"{ratio_key}: {ratio:g} hides {n_hidden} of the {gh * gw} cells of {cell} pixels on "
+                    f"{height}x{width} images; every candidate must hide at least one cell and keep one"
+                )
+
+
+def candidates(
+    cfg: MaskParams,
+    train: Split,
+    seed: int,
+    *,
+    maps: np.ndarray | None = None,
+    model: torch.nn.Module | None = None,
+    device: torch.device | None = None,
+) -> list[Candidate]:
+    """The candidates of masks.* for these train images; `maps` (the train images' attribution against
+    their labels), `model` and `device` (the reference, for per-image masks of other splits) are needed
+    by the saliency strategy."""
+    _, _, height, width = train.images.shape
+    check_grid(cfg, height, width)
+    templates, cells, ratios, scopes = _axes(cfg)
+    out: list[Candidate] = []
+    templates_at: dict[int, dict[str, np.ndarray]] = {}  # per cell: made once for every ratio
+    for scope, cell, ratio in product(scopes, cells, ratios):
+        gh, gw = grid_shape(height, width, cell)
+        realised = n_hidden_cells(gh * gw, ratio) / (gh * gw)
+        base = {"scope": scope, "cell": cell, "hidden_ratio": realised, "hidden_ratio_requested": ratio}
+        label = f"c{cell} h{realised:.3g}"
+        if cfg.strategy == "saliency" and scope == "set":
+            if cell not in templates_at:
+                keep = gh * gw - min(n_hidden_cells(gh * gw, r) for r in ratios)
+                templates_at[cell] = set_templates(maps, train, templates, cell, keep)
+            for name, template in templates_at[cell].items():
+                mask = template_mask(name, template, cell, ratio, (height, width))
+                out.append(_fixed(f"{name} {label}", {**base, "template": name}, mask, template))
+        elif cfg.strategy == "saliency":
+            train_masks = mask_from_maps(maps, cell, ratio)
+            masks_for = _per_image_saliency(cfg, cell, ratio, train_masks, model, device, seed)
+            out.append(_candidate(f"image {label}", {**base, "template": None}, train_masks, masks_for))
+        elif cfg.strategy == "random":
+            draws = len(templates) if cfg.template == "search" else 1
+            for draw in range(draws):
+                masks_for = _random(scope, cell, ratio, seed, draw)
+                name = f"random{f' {draw}' if draws > 1 else ''} {scope} {label}"
+                out.append(
+                    _candidate(name, {**base, "template": None, "draw": draw}, masks_for("train", train), masks_for)
+                )
+        else:
+            mask = geometric_mask(cfg.strategy, height, width, cell, ratio)
+            out.append(_fixed(f"{cfg.strategy} {label}", {**base, "scope": "set", "template": None}, mask, None))
+    return out
+
+
+def _candidate(name: str, settings: dict, train_masks: np.ndarray, masks_for: MasksFor, template=None) -> Candidate:
+    return Candidate(name, settings, train_masks, extra={"masks_for": masks_for, "template": template})
+
+
+def _fixed(name: str, settings: dict, mask: np.ndarray, template: np.ndarray | None) -> Candidate:
+    return _candidate(name, settings, mask, lambda _name, _split: mask, template)
+
+
+def _per_image_saliency(
+    cfg: MaskParams, cell: int, ratio: float, train_masks: np.ndarray, model, device, seed: int
+) -> MasksFor:
+    """Train images are masked from their attribution against their labels; any other split against
+    the reference model's predictions (labels are unknown where the masks are used)."""
+
+    def masks_for(name: str, split: Split) -> np.ndarray:
+        if name == "train":
+            return train_masks
+        return per_image_saliency_masks(model, split.images, cfg.attribution, cell, ratio, device, seed)
+
+    return masks_for
+
+
+def _random(scope: str, cell: int, ratio: float, seed: int, draw: int) -> MasksFor:
+    """Draw 0 is the pipeline's usual random mask (plain_random, the attack stage's comparison)."""
+
+    def masks_for(name: str, split: Split) -> np.ndarray:
+        _, _, height, width = split.images.shape
+        if scope == "set":
+            return random_masks(None, height, width, cell, ratio, seed, stream=draw)
+        stream = FILL_STREAMS[name] + 100 * draw
+        return random_masks(len(split.images), height, width, cell, ratio, seed, stream=stream)
+
+    return masks_for

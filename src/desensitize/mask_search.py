@@ -1,0 +1,199 @@
+"""The privacy-constrained mask search: the most useful candidate mask that passes the privacy gate.
+
+Every candidate gets a utility score (a model trained through its mask, scored on held-out train
+images) and a privacy screen (a shortened attacker, cheap). Then, most useful first, a candidate whose
+screen passes goes to the full gate (every attacker, trained to its limit, judged at the upper end of
+each interval); the first that passes is the release. The screen only decides the order of work: a
+candidate is released only on the full gate's verdict.
+
+The screen is calibrated against the full gate as the search goes. A stronger attacker draws more out
+of the same mask, so each gated score is modelled as its chance level plus a strength factor times
+what the screen measures above it: full = base + k * (screen - base), with base the score of a blind
+guess (linkage chance; 0 for PSNR gain and recognition recovery). k starts at 1 (the screen read as it
+is: a weaker attacker that already breaks the gate means the full one does) and after every full run
+becomes the largest ratio seen, so a candidate the screen passed but the full gate failed makes the
+screen stricter for the rest. How well the screen ranks candidates like the full gate (Spearman over the
+candidates that had both) is recorded with every search.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from desensitize.errors import DesensitizeError
+
+log = logging.getLogger(__name__)
+
+Scores = dict[str, float]  # gated score name -> judged value
+MIN_SIGNAL = 0.05  # a screen this share of the way from base to the limit, or less, is not used to calibrate
+
+
+@dataclass
+class Candidate:
+    """One mask setting of the search; `masks` is what the utility and privacy scores look at (the
+    train split's mask(s)); anything else the caller needs rides in `extra`."""
+
+    name: str
+    settings: dict[str, Any]  # e.g. template, cell, hidden ratio, scope: recorded as they are
+    masks: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+    utility: float | None = None
+    screen: Scores | None = None
+    full: Scores | None = None
+    passed: bool | None = None  # the full gate's verdict; None where it did not run
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            **self.settings,
+            "utility": self.utility,
+            "screen": self.screen,
+            "full": self.full,
+            "passed": self.passed,
+        }
+
+
+@dataclass
+class SearchResult:
+    chosen: Candidate | None  # None: no candidate passed (SearchFailed carries the result)
+    candidates: list[Candidate]
+    limits: Scores
+    calibration: Scores  # the screen's strength factor per score (see the module doc), as used at the end
+    agreement: dict[str, Any]
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen.name if self.chosen else None,
+            "limits": self.limits,
+            "screen_calibration": self.calibration,
+            "screen_agreement": self.agreement,
+            "candidates": [c.record() for c in self.candidates],
+        }
+
+
+def excess(scores: Scores, limits: Scores) -> float:
+    """How far a candidate is from passing, in units of each limit: the largest (value - limit) /
+    |limit| over the gated scores; <= 0 passes."""
+    return max((scores[s] - limit) / max(abs(limit), 1e-6) for s, limit in limits.items())
+
+
+def _spearman(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 3:
+        return None
+    ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b))
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def agreement(candidates: list[Candidate], limits: Scores) -> dict[str, Any]:
+    """The screen against the full gate over the candidates that had both: Spearman correlation of their
+    excess (None under 3 candidates), the share of pairs they order alike, and how many candidates the
+    screen read as it is would have passed that the full gate failed."""
+    both = [c for c in candidates if c.screen is not None and c.full is not None]
+    screen = [excess(c.screen, limits) for c in both]
+    full = [excess(c.full, limits) for c in both]
+    pairs = [(i, j) for i in range(len(both)) for j in range(i + 1, len(both)) if full[i] != full[j]]
+    alike = sum((screen[i] - screen[j]) * (full[i] - full[j]) > 0 for i, j in pairs)
+    return {
+        "candidates": len(both),
+        "spearman": _spearman(screen, full),
+        "pairs_ordered_alike": alike / len(pairs) if pairs else None,
+        "screen_passed_full_failed": sum(s <= 0 < f for s, f in zip(screen, full, strict=True)),
+        "screen_failed_full_passed": sum(f <= 0 < s for s, f in zip(screen, full, strict=True)),
+    }
+
+
+def search(
+    candidates: list[Candidate],
+    *,
+    utility: Callable[[Candidate], float],
+    screen: Callable[[Candidate], Scores],
+    full: Callable[[Candidate], Scores],
+    limits: Scores,
+    max_full_gates: int,
+    base: Scores | None = None,
+) -> SearchResult:
+    """Score every candidate, then run the full gate on the most useful ones whose calibrated screen
+    passes, in order, until one passes (at most `max_full_gates` full runs). Candidates with the same
+    masks are scored once. `base`: each score's blind-guess level (default 0), see the module doc.
+    Raises SearchFailed naming the closest candidate when none passes."""
+    if not candidates:
+        raise DesensitizeError("the mask search has no candidates")
+    done: dict[bytes, Candidate] = {}
+    for c in candidates:
+        key = c.masks.tobytes()
+        if key in done:
+            c.utility, c.screen = done[key].utility, done[key].screen
+            continue
+        c.utility = float(utility(c))
+        c.screen = {s: float(v) for s, v in screen(c).items() if s in limits}
+        done[key] = c
+        log.info("search candidate %s: utility %.4f, screen %s", c.name, c.utility, _fmt(c.screen))
+    base = {s: (base or {}).get(s, 0.0) for s in limits}
+    strength = dict.fromkeys(limits, 1.0)
+
+    def predicted(c: Candidate) -> Scores:
+        return {s: base[s] + strength[s] * (v - base[s]) if v > base[s] else v for s, v in c.screen.items()}
+
+    order = sorted(range(len(candidates)), key=lambda i: (-candidates[i].utility, i))  # ties: the first given
+    runs, gated = 0, set()
+    chosen = None
+    for i in order:
+        c = candidates[i]
+        key = c.masks.tobytes()
+        if key in gated or excess(predicted(c), limits) > 0:
+            continue
+        if runs == max_full_gates:
+            break
+        runs += 1
+        gated.add(key)
+        c.full = {s: float(v) for s, v in full(c).items() if s in limits}
+        c.passed = excess(c.full, limits) <= 0
+        log.info("search candidate %s: full gate %s (%s)", c.name, "passed" if c.passed else "failed", _fmt(c.full))
+        if c.passed:
+            chosen = c
+            break
+        for s in limits:  # a screen at or under the blind level says nothing about the factor
+            if c.screen[s] - base[s] > MIN_SIGNAL * max(abs(limits[s] - base[s]), 1e-6):
+                strength[s] = max(strength[s], (c.full[s] - base[s]) / (c.screen[s] - base[s]))
+    result = SearchResult(chosen, candidates, limits, strength, agreement(candidates, limits))
+    if chosen is None:
+        raise SearchFailed(result)
+    return result
+
+
+class SearchFailed(DesensitizeError):
+    """No candidate passed; `result.chosen` is None and the message names the closest candidate."""
+
+    def __init__(self, result: SearchResult) -> None:
+        self.result = result
+        super().__init__(_failure(result))
+
+
+def closest(candidates: list[Candidate], limits: Scores) -> Candidate:
+    """The candidate nearest to passing: by the full gate where it ran, else by the screen."""
+    gated = [c for c in candidates if c.full is not None]
+    pool, key = (gated, "full") if gated else (candidates, "screen")
+    return min(pool, key=lambda c: excess(getattr(c, key), limits))
+
+
+def _failure(result: SearchResult) -> str:
+    c = closest(result.candidates, result.limits)
+    scores, by = (c.full, "the full gate") if c.full is not None else (c.screen, "the screen")
+    missed = "; ".join(f"{s} {scores[s]:.4g} > {limit:.4g}" for s, limit in result.limits.items() if scores[s] > limit)
+    ran = sum(x.full is not None for x in result.candidates)
+    return (
+        f"no mask candidate passes the privacy gate ({len(result.candidates)} candidates, {ran} through the full "
+        f"gate); closest: {c.name} (utility {c.utility:.4f}), by {by}: {missed}. Widen masks.search (higher "
+        "hidden_ratios, other cells or templates), raise masks.search.max_full_gates, or relax attack.thresholds"
+    )
+
+
+def _fmt(scores: Scores) -> str:
+    return ", ".join(f"{s} {v:.4g}" for s, v in scores.items())
