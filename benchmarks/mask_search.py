@@ -30,7 +30,7 @@ import yaml
 
 from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
-from desensitize.mask_search import SearchFailed
+from desensitize.mask_search import Candidate, SearchFailed, agreement
 from desensitize.paths import Paths
 from desensitize.release import load_released
 from desensitize.splits import load_split
@@ -89,6 +89,7 @@ def run_seed(params, root: Path, device) -> list[dict[str, Any]]:
             screen_passed_full_failed=record["screen_agreement"]["screen_passed_full_failed"],
             seconds=round(time.perf_counter() - start, 1),
             gated=[(c["name"], c["screen"], c["full"]) for c in gated],
+            limits=record["limits"],
         )
         rows.append(row)
         accuracy = "none (no candidate passed)" if row["plain"] is None else f"{row['plain']:.4f}"
@@ -127,6 +128,20 @@ def summarise(rows: list[dict[str, Any]]) -> str:
         if len(values):
             spread = values.std(ddof=1) if len(values) > 1 else 0.0
             lines.append(f"\n{strategy}: plain {values.mean():.4f} +- {spread:.4f} over {len(values)} seeds")
+    pooled = []  # every full-gate run of every search, against its screen
+    for row in rows:
+        for name, screen, full in row["gated"]:
+            c = Candidate(name, {}, np.zeros(1))
+            c.screen, c.full = screen, full
+            pooled.append(c)
+    if pooled:
+        limits = rows[0]["limits"]  # linkage chance differs a little per seed; the first seed's limits
+        a = agreement(pooled, limits)
+        lines.append(
+            f"screen vs full gate over all {a['candidates']} full runs: Spearman {a['spearman']}, pairs ordered "
+            f"alike {a['pairs_ordered_alike']}, screen passed but full failed {a['screen_passed_full_failed']}, "
+            f"screen failed but full passed {a['screen_failed_full_passed']}"
+        )
     if margins:
         m = np.array(margins)
         lines.append(

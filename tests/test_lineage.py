@@ -68,13 +68,15 @@ def test_lineage_of_the_champion_matches_dvc_lock(project, monkeypatch):
     assert chain["release"]["digest"] == chain["training_run"]["release_digest"] == release
     assert chain["model"]["tags"]["release_digest"] == release
     assert chain["mask_run"]["reference_model_digest"] == _lock_md5(root, "reference", "models/reference.npz")
-    assert (chain["mask_run"]["strategy"], chain["mask_run"]["method"], chain["mask_run"]["hidden_ratio"]) == (
-        "saliency",
-        "saliency",
-        "0.75",
+    released_with = json.loads((root / "data" / "release" / "release.json").read_text())
+    # What was released, as the search chose it (not the params' masks.hidden_ratio / masks.cell).
+    assert (chain["mask_run"]["strategy"], chain["mask_run"]["method"]) == ("saliency", "saliency")
+    assert (chain["mask_run"]["hidden_ratio"], chain["mask_run"]["cell"]) == (0.5, 2) == (
+        released_with["hidden_ratio"],
+        released_with["cell"],
     )
-    released_with = json.loads((root / "data" / "release" / "release.json").read_text())["template"]
-    assert chain["mask_run"]["template"] == chain["model"]["tags"]["mask_template"] == released_with
+    assert chain["mask_run"]["template"] == chain["model"]["tags"]["mask_template"] == released_with["template"]
+    assert chain["mask_run"]["candidate"] == chain["model"]["tags"]["mask_candidate"] == released_with["candidate"]
     assert chain["raw"]["digest"] == _lock_md5(root, "ingest", "data/raw")
     assert chain["attack_run"]["gate"]["passed"] is True
     # One `desensitize repro`: every stage run is a child of the same pipeline run.

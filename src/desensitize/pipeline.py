@@ -63,14 +63,15 @@ STAGES: dict[str, Stage] = {
         Stage(
             "masks",
             "desensitize.stages.masks:generate_masks",
-            params=("seed", "data.shard_size", "masks", "reference"),
-            reads=("raw/train", "raw/test", "model/reference"),
+            params=("seed", "data.shard_size", "masks", "reference", "attack"),
+            reads=("raw/train", "raw/test", "raw/public", "model/reference"),
             writes=("release",),
             artifacts=lambda p: (
                 p.masks_metrics,
                 p.release / "release.json",
                 p.masks_reports / "template.png",
                 p.masks_reports / "mask.png",
+                p.masks_reports / "search.json",  # every candidate's scores, also when none passed
             ),
         ),
         Stage(
