@@ -71,10 +71,8 @@ def test_lineage_of_the_champion_matches_dvc_lock(project, monkeypatch):
     released_with = json.loads((root / "data" / "release" / "release.json").read_text())
     # What was released, as the search chose it (not the params' masks.hidden_ratio / masks.cell).
     assert (chain["mask_run"]["strategy"], chain["mask_run"]["method"]) == ("saliency", "saliency")
-    assert (chain["mask_run"]["hidden_ratio"], chain["mask_run"]["cell"]) == (0.5, 2) == (
-        released_with["hidden_ratio"],
-        released_with["cell"],
-    )
+    released_grid = (released_with["hidden_ratio"], released_with["cell"])
+    assert (chain["mask_run"]["hidden_ratio"], chain["mask_run"]["cell"]) == released_grid == (0.5, 2)
     assert chain["mask_run"]["template"] == chain["model"]["tags"]["mask_template"] == released_with["template"]
     assert chain["mask_run"]["candidate"] == chain["model"]["tags"]["mask_candidate"] == released_with["candidate"]
     assert chain["raw"]["digest"] == _lock_md5(root, "ingest", "data/raw")
