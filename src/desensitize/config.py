@@ -80,7 +80,7 @@ class ScreenParams(_Section):
     fixed number of epochs, without the data-scaling curve, on the gate's sample."""
 
     width: int = Field(16, ge=4, le=256)
-    epochs: int = Field(4, ge=1, le=10_000)
+    epochs: int = Field(8, ge=1, le=10_000)
 
 
 class SearchParams(_Section):
