@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import copy_project, tiny_params
+from conftest import LENIENT_GATE, copy_project, tiny_params
 from desensitize import inpainting, privacy
-from desensitize.attack_suite import Target, attack_suite, attacker_data
+from desensitize.attack_suite import Target, attack_suite, attacker_data, cached_attack_suite, suite_digest
 from desensitize.cli import app
 from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
@@ -255,3 +255,47 @@ def test_per_image_masks_give_the_attacker_the_release_itself():
     np.testing.assert_array_equal(data.known[3:], masks)  # it knows the released pixels where visible only
     assert len(attacker_data(public, released, masks, labels, "set", True).images) == 3  # one mask: nothing to add
     assert len(attacker_data(public, released, masks, labels, "image", False).images) == 3
+
+
+def test_the_attack_stage_reuses_the_searchs_run_on_the_released_candidate_and_only_that(tiny_project, tmp_path):
+    paths = copy_project(tiny_project, tmp_path / "project")
+    params = tiny_params(privacy="gate", attack={"thresholds": LENIENT_GATE})
+    masks = generate_masks(params, paths, device="cpu")
+    chosen = next(c for c in masks["search"]["candidates"] if c["name"] == masks["candidate"])
+    metrics = run_attack(params, paths, device="cpu")
+    assert metrics["reused_from_search"] is True
+    worst = {s: max(a["judged"][s] for a in metrics["attackers"].values()) for s in chosen["full"]}
+    assert worst == pytest.approx(chosen["full"])  # the verdict the search saw is the stage's
+    assert "its result is reused" in (paths.attack_reports / "summary.md").read_text()
+
+    # Anything else attacked (another sample here) is attacked afresh.
+    other = params.model_copy(update={"attack": params.attack.model_copy(update={"sample": 150})})
+    assert run_attack(other, paths, device="cpu")["reused_from_search"] is False
+
+
+def test_the_attack_cache_keys_on_every_input(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (40, 1, 8, 8), dtype=np.uint8)
+    masks = np.ones((40, 8, 8), np.uint8)
+    masks[:, 2:6, 2:6] = 0
+    labels = np.arange(40) % 2
+    target = Target(apply_mask(raw, masks, np.zeros((1, 1, 1, 1), np.uint8)), masks, raw, labels)
+    public = inpainting.public_data(raw, labels)
+    fill = inpainting.release_fill("zero", [0], 0)
+    cfg = parse_params({"attack": {"sample": 40, "attackers": ["telea"]}}).attack
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
+    kwargs = {"num_classes": 2, "model": model, "device": torch.device("cpu"), "seed": 0}
+    key = suite_digest(target, public, fill, cfg, **kwargs)
+    changed = [
+        suite_digest(Target(target.released, masks, raw, 1 - labels), public, fill, cfg, **kwargs),
+        suite_digest(target, public, inpainting.release_fill("mean", [9], 0), cfg, **kwargs),
+        suite_digest(target, public, fill, cfg.model_copy(update={"gallery": 5}), **kwargs),
+        suite_digest(target, public, fill, cfg, **{**kwargs, "seed": 1}),
+        suite_digest(target, public, fill, cfg, **{**kwargs, "model": nn.Sequential(nn.Flatten(), nn.Linear(64, 2))}),
+    ]
+    assert len({key, *changed}) == 6
+    first = cached_attack_suite(tmp_path, target, public, fill, cfg, **kwargs)
+    second = cached_attack_suite(tmp_path, target, public, fill, cfg, **kwargs)
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert second["attackers"]["telea"]["psnr_gain"] == first["attackers"]["telea"]["psnr_gain"]
+    np.testing.assert_array_equal(second["reconstructions"]["telea"], first["reconstructions"]["telea"])
