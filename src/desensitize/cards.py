@@ -66,8 +66,8 @@ def _mask_line(info: ReleaseInfo) -> str:
     if info.search and info.privacy == "gate":
         n = len(info.search["candidates"])
         line += (
-            f" Chosen by the privacy-constrained mask search: candidate '{info.candidate}', the most useful of {n} "
-            "candidates that passed the full privacy gate."
+            f" Chosen by the privacy-constrained mask search: candidate '{info.candidate}', the most useful "
+            f"candidate (of {n} searched) that passed the full privacy gate."
         )
     elif info.search:
         line += f" Chosen by the mask search (utility only, no privacy constraint): candidate '{info.candidate}'."
