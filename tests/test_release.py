@@ -221,3 +221,16 @@ def test_a_search_grid_that_cannot_mask_these_images_names_the_key_before_any_wo
     with pytest.raises(DesensitizeError, match=r"masks.search.cells: cell 16 is larger than the 8x8 images"):
         generate_masks(tiny_params(search={**TINY_SEARCH, "cells": [16]}), paths, device="cpu")
     assert not paths.release.exists() and not paths.masks_reports.exists()
+
+
+def test_summary_says_when_the_search_released_nothing(tmp_path: Path, monkeypatch):
+    paths = Paths(tmp_path)
+    paths.masks_reports.mkdir(parents=True)
+    (paths.masks_reports / "search.json").write_text(json.dumps({"chosen": None, "candidates": []}))
+    paths.metrics.mkdir()
+    (paths.attack_metrics).write_text("{}")  # an earlier run's: must not be shown as this one's
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["summary"])
+    assert result.exit_code == 0
+    assert "masks      no release: no mask candidate passes the privacy gate" in result.output
+    assert "attack " not in result.output

@@ -141,6 +141,14 @@ def summary() -> None:
         lines.append(
             f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f} ({ref['wall_seconds']} s)"
         )
+    search = paths.masks_reports / "search.json"
+    if search.is_file() and not paths.masks_metrics.is_file() and read_json(search).get("chosen", "") is None:
+        lines.append(
+            "masks      no release: no mask candidate passes the privacy gate (the closest and every "
+            "candidate's scores: reports/masks/search.json); nothing was attacked, trained or registered"
+        )
+        typer.echo("\n".join(lines))
+        return
     if paths.masks_metrics.is_file():
         m = read_json(paths.masks_metrics)
         lines.append(
