@@ -99,6 +99,7 @@ def test_datasets_are_logged_with_their_dvc_digest_and_source(tracked):
     assert inputs("masks") == {
         ("raw/train", "input"): (raw, "data/raw"),
         ("raw/test", "input"): (raw, "data/raw"),
+        ("raw/public", "input"): (raw, "data/raw"),  # the gated search trains its attackers on it
         ("release", "output"): (release, "data/release"),
     }
     attack = inputs("attack")
