@@ -150,6 +150,14 @@ def summarise(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _write(rows: list[dict[str, Any]], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings not given below")
@@ -174,13 +182,9 @@ def main() -> None:
             for seed in (int(s) for s in args.seeds.split(",")):
                 params = parse_params({**copy.deepcopy(base), "seed": seed}, origin=str(args.params))
                 rows += run_seed(params, Path(root), device)
+                _write(rows, args.out)  # after every seed: a long run that is stopped keeps what it finished
     except DesensitizeError as exc:
         raise SystemExit(f"error: {exc}") from None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-        writer.writeheader()
-        writer.writerows(rows)
     print(summarise(rows))
     print(f"\n{len(rows)} searches in {time.perf_counter() - start:.0f} s on {device}; rows in {args.out}")
 
