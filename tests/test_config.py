@@ -72,6 +72,17 @@ def test_cli_reports_one_error_line_and_exit_status_2(tmp_path: Path):
     assert lines[0].startswith("error: ") and "data.split.public = 2" in lines[0]
 
 
+def test_a_stage_failing_under_dvc_says_how_to_restore_its_previous_outputs(tmp_path: Path, monkeypatch):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("data:\n  split:\n    public: 2\n")
+    monkeypatch.setenv("DVC_STAGE", "ingest")  # what DVC sets for the command of the stage it runs
+    result = CliRunner().invoke(app, ["ingest", "--params", str(bad)])
+    assert result.exit_code == 2
+    assert "'dvc checkout ingest' restores them" in result.output
+    monkeypatch.delenv("DVC_STAGE")  # run by hand: the outputs were never deleted, no such advice
+    assert "dvc checkout" not in CliRunner().invoke(app, ["ingest", "--params", str(bad)]).output
+
+
 def test_help_explains_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0

@@ -82,6 +82,12 @@ def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
     assert "no mask candidate passes the privacy gate" in strict.stdout + strict.stderr
     assert "linkage_within_class" in strict.stdout + strict.stderr
     assert "Running stage 'attack'" not in strict.stdout
+    # DVC removed the masks stage's previous release before running it; the error says how to get it back.
+    assert "'dvc checkout masks' restores them" in strict.stdout + strict.stderr
+    assert not (project / "data" / "release").exists()
+    assert _run(project, sys.executable, "-m", "dvc", "checkout", "masks").returncode == 0
+    verify = _run(project, sys.executable, "-m", "desensitize", "verify-release", "data/release")
+    assert verify.returncode == 0, verify.stderr
 
 
 def test_repro_killed_during_reference_completes_when_run_again(project: Path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -52,6 +53,18 @@ def _configure_logging(verbose: bool) -> None:
     root.propagate = False
 
 
+def _restore_hint() -> str:
+    """Under `dvc repro` (DVC sets DVC_STAGE for the command it runs), DVC deleted the stage's previous
+    outputs before running it; they are still in the DVC cache."""
+    stage = os.environ.get("DVC_STAGE")
+    if not stage:
+        return ""
+    return (
+        f" (dvc repro removed the previous outputs of stage {stage!r} before running it; "
+        f"'dvc checkout {stage}' restores them from the DVC cache)"
+    )
+
+
 def _user_errors(command: F) -> F:
     """Turn a DesensitizeError into one `error: ...` line on stderr and exit status 2."""
 
@@ -60,7 +73,7 @@ def _user_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except DesensitizeError as exc:
-            typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+            typer.echo(f"error: {' '.join(str(exc).split())}{_restore_hint()}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -243,7 +256,9 @@ def repro(ctx: typer.Context) -> None:
         result = subprocess.run([sys.executable, "-m", "dvc", "repro", *ctx.args], check=False)
         if result.returncode != 0:
             raise DesensitizeError(
-                f"dvc repro exited with status {result.returncode}; MLflow run {run_id} marked FAILED"
+                f"dvc repro exited with status {result.returncode}; MLflow run {run_id} marked FAILED. DVC "
+                "removes a stage's outputs before running it: 'dvc checkout' restores the outputs dvc.lock "
+                "records (the last successful run) from the DVC cache"
             )
     typer.echo(f"MLflow pipeline run {run_id}")
 
