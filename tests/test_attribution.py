@@ -135,3 +135,48 @@ def test_attribution_on_cuda_matches_cpu():
     cfg = AttributionParams(method="saliency")
     on_gpu = attribution_maps(model, images, targets, cfg, device=torch.device("cuda"), seed=0)
     torch.testing.assert_close(on_gpu, attribution_maps(model, images, targets, cfg, device=CPU, seed=0))
+
+
+_MASKS_WITH_THREADS = """
+import json, sys
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from desensitize.config import parse_params
+from desensitize.paths import Paths
+from desensitize.release import read_release_info
+from desensitize.stages.masks import generate_masks
+params = parse_params(json.loads(sys.argv[2]))
+from pathlib import Path
+paths = Paths(Path(sys.argv[3]))
+generate_masks(params, paths, device="cpu")
+info = read_release_info(paths.release)
+print(json.dumps({split: [e.sha256 for e in entries] for split, entries in info.shards.items()}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scope", ["set", "image"])
+def test_masks_given_a_reference_model_do_not_depend_on_the_thread_count(tiny_project, tmp_path, scope):
+    """What the README claims is byte-reproducible across machines: given the same reference model, the
+    masks stage (a fixed template, no training) writes the same shards with 1 and 2 CPU threads."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import copy_project
+
+    params, _ = tiny_project
+    settings = params.model_dump(mode="json")
+    settings["masks"].update(template="mean", scope=scope)
+    shards = []
+    for threads in (1, 2):
+        paths = copy_project(tiny_project, tmp_path / f"threads{threads}")
+        result = subprocess.run(
+            [sys.executable, "-c", _MASKS_WITH_THREADS, str(threads), json.dumps(settings), str(paths.root)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+        shards.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert shards[0] == shards[1]
