@@ -29,7 +29,7 @@ from desensitize import versioning
 from desensitize.config import Params, write_overrides
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
-from desensitize.pipeline import STAGES
+from desensitize.pipeline import STAGES, check_for_dvc
 from desensitize.runner import run_stage
 from desensitize.runreport import run_report
 from desensitize.tracking import pipeline_run, run_link
@@ -125,7 +125,8 @@ def desensitization_pipeline(
     if path.name != "params.yaml":
         raise DesensitizeError(f"{path}: dvc.yaml's stages read params.yaml beside it; pass that file")
     versioning.check_project(root)  # before any work: a run that could not be pushed does not start
-    params = write_overrides(path, overrides or {})
+    write_overrides(path, overrides or {})
+    params = check_for_dvc(path)  # every key DVC reads, a source for it to watch, a grid that fits
     paths = Paths(root)
     executed: list[str] = []
     skipped: list[str] = []

@@ -114,7 +114,7 @@ def tiny_pipeline_params() -> dict:
 
 
 def make_dvc_project(root: Path, remote: Path | None = None) -> Path:
-    """A scratch git + DVC project at `root` (sources, dvc.yaml, flows/, prefect.yaml, tiny params),
+    """A scratch git + DVC project at `root` (sources, dvc.yaml, flows/, prefect.yaml, requirements.lock, tiny params),
     committed to git; with `remote`, that directory is its default DVC remote."""
     import shutil
     import subprocess
@@ -125,7 +125,7 @@ def make_dvc_project(root: Path, remote: Path | None = None) -> Path:
     root.mkdir(parents=True)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", "prefect.yaml", ".gitignore"):
+    for name in ("dvc.yaml", "prefect.yaml", ".gitignore", "requirements.lock"):  # the lock: digits' data.path
         shutil.copy(REPO / name, root)
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_pipeline_params()))
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]

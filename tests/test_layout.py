@@ -132,3 +132,16 @@ def test_a_missing_code_dep_is_caught():
     assert code_deps_problems(dvc, GRAPH, module_files(), REPO) == [
         f"evaluate: imports {dropped} but does not list it in deps"
     ]
+
+
+def test_dvc_yaml_interpolates_exactly_the_templated_params_keys():
+    """The source is the ingest stage's one data dep, ${data.path}; every key dvc.yaml interpolates is
+    one that check-params requires in the file (desensitize.pipeline.TEMPLATED)."""
+    import re
+
+    from desensitize.pipeline import TEMPLATED
+
+    text = (REPO / "dvc.yaml").read_text()
+    assert sorted(set(re.findall(r"\$\{\s*([\w.]+)\s*\}", text))) == sorted(TEMPLATED)
+    ingest = yaml.safe_load(text)["stages"]["ingest"]["deps"]
+    assert [dep for dep in ingest if not dep.startswith("src/")] == ["${data.path}"]

@@ -116,3 +116,26 @@ def test_repro_killed_during_reference_completes_when_run_again(project: Path):
     assert "Running stage 'reference'" in output
     assert (project / "models" / "reference.npz").is_file()
     assert not list((project / "models").glob(".*.tmp"))
+
+
+def _image(folder: Path, name: str, value: int) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (8, 8), value).save(folder / name)
+
+
+def test_a_changed_image_folder_makes_ingest_stale(project: Path, tmp_path: Path):
+    """dvc.yaml watches ${data.path}: an image added to the folder (outside the project) reruns ingest."""
+    images = tmp_path / "images"
+    for k in range(10):
+        _image(images / ("a", "b")[k % 2], f"{k}.png", 10 * k)
+    _set(project, "data", "source", "imagefolder")
+    _set(project, "data", "path", str(images))
+    _set(project, "data", "image_size", 8)
+    assert _ran(_run(project, sys.executable, "-m", "dvc", "repro", "ingest").stdout) == ["ingest"]
+    assert json.loads(_run(project, sys.executable, "-m", "dvc", "status", "--json", "ingest").stdout) == {}
+
+    _image(images / "a", "new.png", 255)
+    status = json.loads(_run(project, sys.executable, "-m", "dvc", "status", "--json", "ingest").stdout)
+    assert status == {"ingest": [{"changed deps": {str(images): "modified"}}]}

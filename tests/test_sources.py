@@ -54,6 +54,127 @@ def test_imagefolder_resizes_and_labels_by_folder(tmp_path: Path):
     assert source.images[3, 0].max() == 80  # dog images are filled with red = 80
 
 
+def _one_image_folder(root: Path, image: Image.Image, name: str = "x.png") -> Path:
+    """Two classes, `a` holding `image` and `b` a black 8x8 greyscale image."""
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    image.save(root / "a" / name)
+    Image.new("L", (8, 8)).save(root / "b" / "x.png")
+    return root
+
+
+def _load_one(root: Path, channels: int = 1) -> np.ndarray:
+    """The `a` image of `_one_image_folder`, as ingest reads it: (8, 8) or (3, 8, 8)."""
+    source = load_source(make_params(source="imagefolder", path=str(root), image_size=8, channels=channels).data)
+    image = source.images[source.labels.tolist().index(0)]
+    return image[0] if channels == 1 else image
+
+
+GRADIENT = np.arange(64, dtype=np.int64).reshape(8, 8) * 1000  # 0..63000: 16-bit values
+
+
+def test_imagefolder_scales_16_bit_greyscale_by_its_range(tmp_path: Path):
+    image = Image.fromarray(GRADIENT.astype(np.uint16))
+    assert image.mode == "I;16"
+    pixels = _load_one(_one_image_folder(tmp_path, image))
+    np.testing.assert_array_equal(pixels, np.rint(GRADIENT / 257).astype(np.uint8))  # not clipped to white
+    rgb = _load_one(tmp_path, channels=3)
+    np.testing.assert_array_equal(rgb, np.broadcast_to(pixels, (3, 8, 8)))
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (GRADIENT.astype(np.int32) // 1000 * 4, GRADIENT // 1000 * 4),  # I, 0..252: already 8-bit levels
+        (GRADIENT.astype(np.int32), np.rint(GRADIENT / 257)),  # I, 0..63000: 16-bit levels
+        (GRADIENT.astype(np.float32) / 63000, np.rint(GRADIENT / 63000 * 255)),  # F, fractions of 0..1
+        (GRADIENT.astype(np.float32) // 1000, GRADIENT // 1000),  # F, whole numbers 0..63
+    ],
+    ids=["I-8bit", "I-16bit", "F-fraction", "F-integral"],
+)
+def test_imagefolder_reads_32_bit_and_float_images_by_their_values(tmp_path: Path, values, expected):
+    image = Image.fromarray(values)
+    assert image.mode in ("I", "F")
+    pixels = _load_one(_one_image_folder(tmp_path, image, "x.tif"))
+    np.testing.assert_array_equal(pixels, np.asarray(expected, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (GRADIENT.astype(np.int32) * 100, r"x.tif: 32-bit integer image with values 0..6.3e\+06"),
+        (GRADIENT.astype(np.int32) - 5, "x.tif: 32-bit integer image with values -5..62995"),
+        (GRADIENT.astype(np.float32) / 1000 + 0.5, r"x.tif: floating-point image with values 0.5..63.5"),
+    ],
+    ids=["I-beyond-16bit", "I-negative", "F-fractions-beyond-1"],
+)
+def test_imagefolder_refuses_a_range_it_cannot_map_to_8_bits(tmp_path: Path, values, message):
+    with pytest.raises(DesensitizeError, match=message):
+        _load_one(_one_image_folder(tmp_path, Image.fromarray(values), "x.tif"))
+
+
+def _half_transparent(mode: str) -> Image.Image:
+    """Grey 200 (red 200 in colour), opaque on the left half and fully transparent on the right."""
+    colour = {"LA": (200, 255), "RGBA": (200, 0, 0, 255)}[mode]
+    image = Image.new(mode, (8, 8), colour)
+    alpha = Image.new("L", (8, 8), 255)
+    alpha.paste(0, (4, 0, 8, 8))
+    image.putalpha(alpha)
+    return image
+
+
+def _palette_transparent() -> Image.Image:
+    image = Image.new("P", (8, 8), 1)
+    image.putpalette([255, 255, 255, 200, 0, 0] + [0, 0, 0] * 254)
+    image.paste(0, (4, 0, 8, 8))  # index 0: white, declared transparent
+    image.info["transparency"] = 0
+    return image
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: _half_transparent("LA"), lambda: _half_transparent("RGBA"), _palette_transparent],
+    ids=["LA", "RGBA", "P-transparency"],
+)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_imagefolder_composites_transparent_pixels_onto_black(tmp_path: Path, make, channels: int):
+    pixels = _load_one(_one_image_folder(tmp_path, make()), channels)
+    if channels == 1:
+        pixels = pixels[None]
+    opaque = pixels[:, :, :4]
+    assert (pixels[:, :, 4:] == 0).all()  # transparent: black, not the colour under the alpha
+    assert opaque.max() > 0 and (opaque == opaque[:, :1, :1]).all()
+
+
+@pytest.mark.parametrize(
+    ("image", "grey", "rgb"),
+    [
+        (Image.new("1", (8, 8), 1), 255, (255, 255, 255)),
+        (Image.new("L", (8, 8), 90), 90, (90, 90, 90)),
+        (Image.new("RGB", (8, 8), (255, 0, 0)), 76, (255, 0, 0)),  # ITU-R 601-2 luma of red
+        (Image.new("CMYK", (8, 8), (0, 255, 255, 0)), 76, (255, 0, 0)),  # red in CMYK
+    ],
+    ids=["1-bit", "L", "RGB", "CMYK"],
+)
+def test_imagefolder_converts_opaque_modes_to_the_requested_channels(tmp_path: Path, image, grey, rgb):
+    name = "x.tif" if image.mode == "CMYK" else "x.png"
+    assert (_load_one(_one_image_folder(tmp_path, image, name)) == grey).all()
+    np.testing.assert_array_equal(_load_one(tmp_path, channels=3)[:, 0, 0], rgb)
+
+
+def test_imagefolder_skips_hidden_files_and_macos_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    root = _one_image_folder(tmp_path, Image.new("L", (8, 8), 90))
+    (root / "a" / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (root / "b" / ".DS_Store").write_bytes(b"Bud1 not an image")
+    (root / "a" / "__MACOSX").mkdir()
+    (root / "a" / "__MACOSX" / "._y.png").write_bytes(b"\x00\x05\x16\x07")
+    (root / "__MACOSX" / "a").mkdir(parents=True)  # not a class either
+    with caplog.at_level("INFO", logger="desensitize.sources"):
+        source = load_source(make_params(source="imagefolder", path=str(root), image_size=8).data)
+    assert source.class_names == ("a", "b") and len(source.images) == 2
+    assert "skipped 3 hidden files and __MACOSX entries" in caplog.text
+
+
 def test_cifar10_never_downloads(tmp_path: Path):
     with pytest.raises(DesensitizeError, match="CIFAR-10 not found"):
         load_source(make_params(source="cifar10", path=str(tmp_path)).data)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from desensitize.config import AttackParams, GateThresholds
 from desensitize.inpainting import AttackerData, TrainedAttacker
 from desensitize.storage import atomic_path
 from desensitize.training import predict, to_float
+
+log = logging.getLogger(__name__)
 
 CACHE_KEEP = 8  # results kept in the attack cache, newest first
 SAMPLE_STREAM = 11
@@ -44,8 +47,23 @@ class Target:
 
 
 def sample_indices(n: int, sample: int, seed: int) -> np.ndarray:
-    """The released train images attacked: a seeded sample, sorted (MLflow logs its digest)."""
+    """The released train images attacked: a seeded sample of `sample` of the `n`, all when `sample` is
+    larger, sorted (MLflow logs its digest)."""
     return np.sort(np.random.default_rng([seed, SAMPLE_STREAM]).choice(n, min(sample, n), replace=False))
+
+
+def attacked_sample(n: int, sample: int, seed: int) -> np.ndarray:
+    """sample_indices for a stage that attacks (the gated mask search, the attack stage): warns when
+    attack.sample asks for more than the `n` released train images, since it is then cut to all of them."""
+    if sample > n:
+        log.warning(
+            "attack.sample = %d, but the release has %d train images: attacking all %d (a larger data.split.train "
+            "gives the gate a larger sample and narrower intervals)",
+            sample,
+            n,
+            n,
+        )
+    return sample_indices(n, sample, seed)
 
 
 def limits(thresholds: GateThresholds, linkage_chance: float) -> dict[str, float]:

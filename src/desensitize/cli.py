@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from desensitize.config import load_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
+from desensitize.pipeline import check_for_dvc
 from desensitize.runner import run_stage
 
 app = typer.Typer(
@@ -103,8 +104,9 @@ def reference(params: ParamsOption = Path("params.yaml"), device: DeviceOption =
 @app.command("check-params")
 @_user_errors
 def check_params(params: ParamsOption = Path("params.yaml")) -> None:
-    """Validate the params file and print the full settings, defaults included."""
-    typer.echo(load_params(params).model_dump_json(indent=2))
+    """Validate the params file as `dvc repro` will read it (every key dvc.yaml lists, a source path for
+    DVC to watch, a mask grid that fits the images) and print the full settings, defaults included."""
+    typer.echo(check_for_dvc(params).model_dump_json(indent=2))
 
 
 @app.command()
@@ -252,7 +254,9 @@ def repro(ctx: typer.Context) -> None:
     does). Extra arguments go to `dvc repro`. A bare `dvc repro` works too, with stand-alone stage runs."""
     from desensitize.tracking import pipeline_run
 
-    with pipeline_run(Paths()) as run_id:
+    paths = Paths()
+    check_for_dvc(paths.params_file)  # before the MLflow run: a file DVC would reject starts nothing
+    with pipeline_run(paths) as run_id:
         result = subprocess.run([sys.executable, "-m", "dvc", "repro", *ctx.args], check=False)
         if result.returncode != 0:
             raise DesensitizeError(

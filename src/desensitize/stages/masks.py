@@ -20,11 +20,11 @@ import torch
 from desensitize.attack_suite import (
     Target,
     attack_suite,
+    attacked_sample,
     attacker_data,
     cached_attack_suite,
     judged,
     limits,
-    sample_indices,
 )
 from desensitize.attribution import attribution_maps
 from desensitize.candidates import candidates, check_grid
@@ -202,7 +202,7 @@ def _choose(
     attack = params.attack
     public = load_split(paths.raw, "public")
     public_set = public_data(public.images, public.labels)
-    idx = sample_indices(len(train.images), attack.sample, seed)
+    idx = attacked_sample(len(train.images), attack.sample, seed)
     fill = release_fill(cfg.fill, mean.tolist() if cfg.fill == "mean" else [0] * train.images.shape[1], seed)
     chance = linkage_chance(len(idx), train.labels[idx], attack.gallery)
     bounds = limits(attack.thresholds, chance)
