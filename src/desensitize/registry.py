@@ -1,8 +1,9 @@
 """The MLflow model registry: a new version of a registered model, and the champion rule.
 
 Every new version gets alias `challenger`. `champion` moves to it only when the privacy gate
-passed and its accuracy is not below the current champion's. The champion alias is set last,
-after the version's tags, so a crash half-way never leaves it on an unlabelled version.
+passed, its accuracy is clearly above chance (desensitize.privacy.above_chance) and it is not below
+the current champion's; the version's tag `champion_decision` says which and why. The champion alias
+is set last, after the version's tags, so a crash half-way never leaves it on an unlabelled version.
 """
 
 from __future__ import annotations
@@ -35,10 +36,17 @@ def _champion_accuracy(client: mlflow.MlflowClient, name: str) -> float | None:
 
 
 def register_version(
-    model: nn.Module, name: str, *, accuracy: float, gate_passed: bool, tags: dict[str, str]
+    model: nn.Module,
+    name: str,
+    *,
+    accuracy: float,
+    gate_passed: bool,
+    chance: dict[str, Any],
+    tags: dict[str, str],
 ) -> dict[str, Any]:
     """Log `model` in the active run and register it as a new version of `name` with `tags` (plus
-    gate and accuracy); returns the version, whether it became champion, and why."""
+    gate and accuracy); `chance` is desensitize.privacy.above_chance of its test accuracy. Returns the
+    version, whether it became champion, and why."""
     requirements = [f"{package}=={installed_version(package)}" for package in REQUIREMENTS]
     model_info = mlflow.pytorch.log_model(
         model,
@@ -55,14 +63,18 @@ def register_version(
     client.set_registered_model_alias(name, CHALLENGER, version)
 
     current = _champion_accuracy(client, name)
-    promote = gate_passed and (current is None or not accuracy < current)
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    refused = [] if gate_passed else ["privacy gate failed"]
+    if not chance["above"]:
+        refused.append(chance["message"])
+    if current is not None and accuracy < current:
+        refused.append(f"accuracy {accuracy:.4f} below the champion's {current:.4f}")
+    promote = not refused
     why = (
-        "privacy gate failed"
-        if not gate_passed
-        else f"accuracy {accuracy:.4f} below the champion's {current:.4f}"
-        if not promote
+        "; ".join(refused)
+        if refused
         else f"accuracy {accuracy:.4f}" + (f" >= the previous champion's {current:.4f}" if current is not None else "")
     )
+    client.set_model_version_tag(name, version, "champion_decision", f"{'' if promote else 'not '}champion: {why}")
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
     return {"version": int(version), "champion": promote, "why": why}
