@@ -15,7 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import mlflow
 import typer
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from tqdm.auto import tqdm
 
 from desensitize.config import load_params
@@ -53,7 +56,8 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _user_errors(command: F) -> F:
-    """Turn a DesensitizeError into one `error: ...` line on stderr and exit status 2."""
+    """Turn a DesensitizeError, or a failure of the MLflow tracking store, into one `error: ...` line on
+    stderr and exit status 2."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,6 +65,15 @@ def _user_errors(command: F) -> F:
             return command(*args, **kwargs)
         except DesensitizeError as exc:
             typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+            raise typer.Exit(2) from None
+        except (MlflowException, SQLAlchemyError) as exc:
+            # A DBAPI error's own message, without the SQL statement SQLAlchemy adds to it.
+            detail = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+            typer.echo(
+                f"error: the MLflow tracking store {mlflow.get_tracking_uri()} failed: "
+                f"{' '.join(str(detail).split())[:500]} (check it, or MLFLOW_TRACKING_URI, and run again)",
+                err=True,
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

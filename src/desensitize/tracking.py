@@ -12,6 +12,9 @@ under `desensitize repro`) attach to it. A stage started without one (a bare `dv
 single CLI command) gets a stand-alone run. Lineage never depends on parents: it links runs by
 the digests they recorded.
 
+Several processes may share a store: its first use (MLflow creates the tables and migrates them) and the
+champion move of the registry hold an exclusive lock per store (`store_lock`).
+
 Digests are computed with DVC's own hashing (dvc_data) rather than read from dvc.lock, because
 under `dvc repro` a stage runs before DVC writes its outputs into the lock; the value is the same
 one DVC then records, and it is also right for a Prefect run that has not reached `dvc commit`.
@@ -38,7 +41,7 @@ from desensitize.config import Params, get_dotted, load_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 from desensitize.pipeline import Stage
-from desensitize.storage import flatten, sha256_file
+from desensitize.storage import flatten, sha256_file, sqlite_file, store_lock
 from desensitize.versioning import code_version, dvc_md5
 
 log = logging.getLogger(__name__)
@@ -65,34 +68,32 @@ def run_link(paths: Paths, run_id: str) -> str:
     return f"run {run_id} of experiment {experiment} in {uri} (browse: mlflow ui --backend-store-uri {uri})"
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
 def configure(paths: Paths, *, create: bool = True) -> str:
     """Point MLflow at the project's store and experiment; returns the experiment id.
 
-    With `create=False` (readers such as `lineage`) a missing SQLite store is an error, not a new
-    empty one."""
+    The first use of a store creates its tables, which two processes must not do at once: writers
+    get there under `store_lock`. With `create=False` (readers such as `lineage`, which take no lock,
+    so a read-only store will do) a missing SQLite store is an error, not a new empty one."""
     uri = tracking_uri(paths)
-    db = _sqlite_file(uri)
+    db = sqlite_file(uri)
     if db is not None and not create and not db.is_file():
         raise DesensitizeError(f"no MLflow tracking store at {db}: run the pipeline first (`make run`)")
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        if not create:
-            raise DesensitizeError(f"no {EXPERIMENT!r} experiment in the MLflow store {uri}: run the pipeline first")
-        # Next to a SQLite store, not in ./mlruns of whatever directory the process started in.
-        location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
-        try:
-            experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-        except MlflowException:  # another process created it meanwhile
-            experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-    else:
-        experiment_id = experiment.experiment_id
+    with store_lock(uri, "init") if create else contextlib.nullcontext():
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            if not create:
+                raise DesensitizeError(
+                    f"no {EXPERIMENT!r} experiment in the MLflow store {uri}: run the pipeline first"
+                )
+            # Next to a SQLite store, not in ./mlruns of whatever directory the process started in.
+            location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+            try:
+                experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+            except MlflowException:  # another host's process created it meanwhile
+                experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
