@@ -1,10 +1,13 @@
-"""Several processes on one MLflow tracking store: its first use and the champion move; and a store that
-fails. The processes are forked, so that they start together, before this process touches the store."""
+"""Several processes on one MLflow tracking store: its first use, the champion move, runs left RUNNING by
+a killed process, and a store that fails. The processes are forked, so that they start together, before
+this process touches the store."""
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -14,12 +17,21 @@ import mlflow
 from torch import nn
 from typer.testing import CliRunner
 
+from conftest import tracked_params
 from desensitize import registry
 from desensitize.cli import app
 from desensitize.paths import Paths
+from desensitize.pipeline import STAGES
 from desensitize.privacy import above_chance
 from desensitize.tracking import (
+    OWNER_HOST_TAG,
+    OWNER_PID_TAG,
+    OWNER_START_TAG,
+    _owner_tags,
     configure,
+    end_orphaned_runs,
+    pipeline_run,
+    stage_run,
 )
 
 FORK = multiprocessing.get_context("fork")
@@ -117,3 +129,36 @@ def test_two_registrations_at_once_leave_the_better_one_champion(tmp_path, monke
     # The worse one was champion only if it came first; either way its tag says what it was told.
     expected = "champion: accuracy 0.7000" if outcomes[0.7]["champion"] else "not champion: accuracy 0.7000 below"
     assert worse.tags["champion_decision"].startswith(expected)
+
+
+def _open_runs_and_wait(root: Path, results) -> None:
+    with pipeline_run(Paths(root)) as parent, stage_run(STAGES["ingest"], tracked_params(), Paths(root)):
+        results.put((parent, mlflow.active_run().info.run_id))
+        time.sleep(600)  # until killed
+
+
+def test_runs_of_a_killed_process_are_set_killed_when_the_next_run_starts(tmp_path, monkeypatch):
+    uri = _store(tmp_path, monkeypatch)
+    results = FORK.Queue()
+    process = FORK.Process(target=_open_runs_and_wait, args=(tmp_path, results))
+    process.start()
+    parent, stage = results.get(timeout=300)
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(timeout=60)
+    client = mlflow.MlflowClient(uri)
+    assert client.get_run(parent).info.status == client.get_run(stage).info.status == "RUNNING"
+    tags = client.get_run(stage).data.tags
+    assert tags[OWNER_PID_TAG] == str(process.pid) and tags[OWNER_START_TAG] != "unknown"
+
+    experiment = client.get_run(parent).info.experiment_id
+    alive = client.create_run(experiment, tags=_owner_tags())  # this process: alive
+    reused = client.create_run(experiment, tags={**_owner_tags(), OWNER_START_TAG: "another boot/1"})  # pid reused
+    elsewhere = client.create_run(experiment, tags={**tags, OWNER_HOST_TAG: "another-host"})
+
+    with pipeline_run(Paths(tmp_path)) as run_id:  # a later run in the same store
+        status = {run: client.get_run(run).info.status for run in (parent, stage, reused.info.run_id)}
+        assert status == dict.fromkeys(status, "KILLED")
+        assert client.get_run(run_id).info.status == client.get_run(alive.info.run_id).info.status == "RUNNING"
+        assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"  # cannot tell from here: left alone
+        assert end_orphaned_runs(experiment) == []
+    assert client.get_run(run_id).info.status == "FINISHED"
