@@ -240,8 +240,8 @@ def evaluate(params: ParamsOption = Path("params.yaml"), device: DeviceOption = 
 @_user_errors
 def register(params: ParamsOption = Path("params.yaml")) -> None:
     """Register models/masknet.npz, with the release's mask built in, as a new version of
-    `masknet-<data.source>` (alias challenger; champion only if the privacy gate passed and it is not
-    less accurate than the champion); writes the model and data cards to reports/cards/."""
+    `masknet-<data.source>` (alias challenger; champion only if the privacy gate passed and it is clearly
+    above chance and not less accurate than the champion); writes the model and data cards to reports/cards/."""
     run_stage("register", load_params(params), Paths())
 
 
