@@ -21,6 +21,7 @@ from desensitize.attack_suite import (
     sample_indices,
     suite_digest,
 )
+from desensitize.checkpoints import load_checkpoint, save_checkpoint
 from desensitize.cli import app
 from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
@@ -261,6 +262,25 @@ def test_enforce_false_records_the_override_and_goes_on(tiny_project, tmp_path: 
     summary = CliRunner().invoke(app, ["summary"])
     assert summary.exit_code == 0
     assert "best attacker telea" in summary.output and "overridden by attack.enforce: false" in summary.output
+
+
+def test_the_gate_says_when_the_reference_model_is_too_weak_for_recognition_recovery(tiny_project, tmp_path: Path):
+    params, paths = _project(tiny_project, tmp_path, attackers=["telea"], enforce=False)
+    healthy = run_attack(params, paths, device="cpu")
+    assert healthy["reference_raw_test"]["above"] and "too weak" not in healthy["gate"]["message"]
+    assert "Reference model on raw test images: accuracy" in (paths.attack_reports / "summary.md").read_text()
+
+    model, spec = load_checkpoint(paths.reference_model)  # every weight zeroed: one class for every image
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.zero_()
+    save_checkpoint(paths.reference_model, model, **spec)
+    weak = run_attack(params, paths, device="cpu")
+    assert not weak["reference_raw_test"]["above"] and weak["reference_raw_test"]["p_value"] > 0.01
+    too_weak = "the reference model is too weak for recognition recovery to mean anything: its raw test accuracy"
+    assert too_weak in weak["gate"]["message"] and "not clearly above chance" in weak["gate"]["message"]
+    assert "too weak for recognition recovery to mean anything" in (paths.attack_reports / "summary.md").read_text()
 
 
 def test_per_image_masks_give_the_attacker_the_release_itself():

@@ -8,7 +8,10 @@ import pytest
 from desensitize.errors import DesensitizeError
 from desensitize.privacy import (
     PSNR_CAP,
+    above_chance,
+    binomial_tail,
     bootstrap_interval,
+    chance_level,
     class_mean_images,
     extrapolate,
     linkage_chance,
@@ -207,3 +210,40 @@ def test_scaling_fit_refuses_too_few_counts():
         saturation([0, 500], [0.1, 0.2])
     with pytest.raises(DesensitizeError):
         extrapolate([250, 500], [0.1, 0.2], 0)
+
+
+@pytest.mark.parametrize(
+    ("successes", "n", "p", "expected"),
+    [
+        (5, 10, 0.5, 638 / 1024),  # sum of C(10, k) for k >= 5, over 2^10
+        (3, 3, 0.9, 0.729),
+        (0, 7, 0.3, 1.0),
+        (1, 4, 0.0, 0.0),
+        (100, 300, 1 / 3, 0.5217025910938239),  # scipy.stats.binom.sf(99, 300, 1/3)
+        (120, 300, 1 / 3, 0.009125962873638847),  # scipy.stats.binom.sf(119, 300, 1/3)
+    ],
+)
+def test_binomial_tail_known_values(successes: int, n: int, p: float, expected: float):
+    assert binomial_tail(successes, n, p) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_binomial_tail_stays_finite_for_large_n_and_refuses_bad_input():
+    assert 0 < binomial_tail(1_100, 10_000, 0.1) < 0.01 and binomial_tail(9_000, 10_000, 0.1) == 0.0
+    for bad in ((4, 3, 0.5), (1, 0, 0.5), (1, 3, 1.5)):
+        with pytest.raises(DesensitizeError):
+            binomial_tail(*bad)
+
+
+def test_chance_is_the_majority_class_rate_and_an_accuracy_at_chance_is_not_above_it():
+    balanced = np.arange(300) % 3
+    assert chance_level(balanced) == pytest.approx(1 / 3)
+    assert chance_level(np.array([0] * 80 + [1] * 20)) == 0.8  # imbalanced: always guessing class 0
+    at_chance = above_chance(100, balanced)  # every model of the image-folder run: 0.333 on 3 classes
+    assert not at_chance["above"] and at_chance["p_value"] > 0.5
+    assert "not clearly above chance 0.3333" in at_chance["message"]
+    assert above_chance(130, balanced)["above"]  # 0.433: p = 0.0002
+    assert not above_chance(4, np.arange(9) % 3)["above"]  # 4 of 9 is above 1/3, but too few images to tell
+    # 85% is below the 80%-majority split's chance plus what 100 images can show (p = 0.13).
+    assert not above_chance(85, np.array([0] * 80 + [1] * 20))["above"]
+    with pytest.raises(DesensitizeError, match="significance"):
+        above_chance(100, balanced, significance=0)

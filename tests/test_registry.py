@@ -1,23 +1,28 @@
 """The gated registry: every version becomes `challenger`; `champion` moves only to a version whose
-privacy gate passed and whose accuracy is not below the current champion's."""
+privacy gate passed, whose accuracy is clearly above chance and not below the current champion's."""
 
 from __future__ import annotations
 
 import shutil
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.exceptions import MlflowException
+from torch import nn
 
 from conftest import FAILING_GATE, copy_project, tracked_params
 from desensitize.checkpoints import load_checkpoint, save_checkpoint
 from desensitize.lineage import lineage
 from desensitize.paths import Paths
+from desensitize.privacy import above_chance
+from desensitize.registry import register_version
 from desensitize.runner import run_stage
 from desensitize.stages.baselines import train_baselines
 from desensitize.stages.masks import generate_masks
 from desensitize.stages.train import train_on_release
+from desensitize.tracking import configure
 
 pytestmark = pytest.mark.slow
 NAME = "masknet-digits"
@@ -98,6 +103,11 @@ def test_champion_moves_only_to_a_version_that_is_not_worse(project):
     worse = _pipeline_tail(paths, params, ("evaluate", "register"))
     assert worse["accuracy"] < first["accuracy"] - 0.2
     assert worse["version"] == 2 and not worse["champion"]
+    assert first["above_chance"] and not worse["above_chance"]  # one class for every image: chance
+    assert "not clearly above chance" in worse["champion_decision"]
+    assert (
+        client.get_model_version(NAME, "2").tags["champion_decision"] == f"not champion: {worse['champion_decision']}"
+    )
     assert _champion(client) == "1"
     assert str(client.get_model_version_by_alias(NAME, "challenger").version) == "2"
     assert float(client.get_model_version(NAME, "2").tags["accuracy"]) == worse["accuracy"]
@@ -106,3 +116,31 @@ def test_champion_moves_only_to_a_version_that_is_not_worse(project):
     again = _pipeline_tail(paths, params, ("evaluate", "register"))
     assert again["accuracy"] == first["accuracy"] and again["champion"]
     assert _champion(client) == "3" and str(client.get_model_version_by_alias(NAME, "challenger").version) == "3"
+
+
+def test_a_model_at_chance_is_registered_but_never_champion(tmp_path, monkeypatch):
+    """The image-folder run where every model scored 0.333 on 3 classes: the gate passed, but 100 of 300
+    right is what guessing gives, so the version stays challenger and says why."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    configure(Paths(tmp_path))
+    client, labels = mlflow.MlflowClient(uri), np.arange(300) % 3
+
+    def register(correct: int) -> dict:
+        with mlflow.start_run():
+            chance = above_chance(correct, labels)
+            return register_version(
+                nn.Linear(2, 3), NAME, accuracy=correct / 300, gate_passed=True, chance=chance, tags={}
+            )
+
+    at_chance = register(100)
+    assert not at_chance["champion"] and _champion(client) is None
+    assert at_chance["why"].startswith("accuracy 0.3333 on 300 images is not clearly above chance 0.3333")
+    version = client.get_model_version(NAME, "1")
+    assert (
+        version.aliases == ["challenger"] and version.tags["champion_decision"] == f"not champion: {at_chance['why']}"
+    )
+
+    above = register(130)  # 0.433: p = 0.0002
+    assert above["champion"] and _champion(client) == "2"
+    assert client.get_model_version(NAME, "2").tags["champion_decision"] == "champion: accuracy 0.4333"

@@ -16,7 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import mlflow
 import typer
+from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from tqdm.auto import tqdm
 
 from desensitize.config import load_params
@@ -67,7 +70,8 @@ def _restore_hint() -> str:
 
 
 def _user_errors(command: F) -> F:
-    """Turn a DesensitizeError into one `error: ...` line on stderr and exit status 2."""
+    """Turn a DesensitizeError, or a failure of the MLflow tracking store, into one `error: ...` line on
+    stderr and exit status 2."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -75,6 +79,15 @@ def _user_errors(command: F) -> F:
             return command(*args, **kwargs)
         except DesensitizeError as exc:
             typer.echo(f"error: {' '.join(str(exc).split())}{_restore_hint()}", err=True)
+            raise typer.Exit(2) from None
+        except (MlflowException, SQLAlchemyError) as exc:
+            # A DBAPI error's own message, without the SQL statement SQLAlchemy adds to it.
+            detail = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+            typer.echo(
+                f"error: the MLflow tracking store {mlflow.get_tracking_uri()} failed: "
+                f"{' '.join(str(detail).split())[:500]} (check it, or MLFLOW_TRACKING_URI, and run again)",
+                err=True,
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -242,8 +255,8 @@ def evaluate(params: ParamsOption = Path("params.yaml"), device: DeviceOption = 
 @_user_errors
 def register(params: ParamsOption = Path("params.yaml")) -> None:
     """Register models/masknet.npz, with the release's mask built in, as a new version of
-    `masknet-<data.source>` (alias challenger; champion only if the privacy gate passed and it is not
-    less accurate than the champion); writes the model and data cards to reports/cards/."""
+    `masknet-<data.source>` (alias challenger; champion only if the privacy gate passed and it is clearly
+    above chance and not less accurate than the champion); writes the model and data cards to reports/cards/."""
     run_stage("register", load_params(params), Paths())
 
 

@@ -2,7 +2,9 @@
 
 All inputs are float32 (N, C, H, W) in [0, 1] plus masks uint8 (N, H, W), 1 = visible. Also the
 statistics that make the gate fail safe: confidence intervals of the scores (the gate compares their
-upper end with a threshold) and the extrapolation of an attacker's score to more training data.
+upper end with a threshold) and the extrapolation of an attacker's score to more training data. And the
+rule for an accuracy clearly above chance (`above_chance`), which both the champion of the registry
+and the meaning of recognition recovery depend on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from desensitize.masks import cell_scores
 
 PSNR_CAP = 100.0  # dB, reported when the hidden pixels are restored exactly
 SSIM_WINDOW = 7
+# An accuracy is clearly above chance when a classifier no better than chance would reach it with a
+# probability under 1%: the usual level for "significant", stated rather than tuned.
+CHANCE_SIGNIFICANCE = 0.01
 
 
 def _check_scored(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> None:
@@ -147,6 +152,57 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     centre = (p + zz / 2) / (1 + zz)
     half = z / (1 + zz) * math.sqrt(p * (1 - p) / n + zz / (4 * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def chance_level(labels: np.ndarray) -> float:
+    """The accuracy of the best guess that never looks at the image: always the most frequent class of
+    `labels` (1 / number of classes on a balanced split)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise DesensitizeError(f"labels with shape {labels.shape}: need a non-empty (N,) array")
+    return float(np.bincount(labels).max() / len(labels))
+
+
+def binomial_tail(successes: int, n: int, p: float) -> float:
+    """P[X >= successes] for X ~ Binomial(n, p), summed exactly in log space (lgamma for the binomial
+    coefficients), so large n neither overflows nor underflows."""
+    if n < 1 or not 0 <= successes <= n or not 0 <= p <= 1:
+        raise DesensitizeError(
+            f"{successes} successes of {n} trials at p = {p:g}: need 0 <= successes <= n and p in [0, 1]"
+        )
+    if successes == 0 or p == 1:
+        return 1.0
+    if p == 0:
+        return 0.0
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
+        for k in range(successes, n + 1)
+    ]
+    top = max(logs)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(x - top) for x in logs))
+
+
+def above_chance(correct: int, labels: np.ndarray, significance: float = CHANCE_SIGNIFICANCE) -> dict[str, Any]:
+    """Whether `correct` right answers on the images of `labels` are clearly above chance: a one-sided
+    exact binomial test against the hypothesis that each answer is right with probability
+    `chance_level(labels)` (the majority-class rate, the true chance level of an imbalanced split), at
+    `significance`. The accuracy, chance level, number of images, p-value, verdict `above` and a
+    sentence saying all that."""
+    if not 0 < significance < 1:
+        raise DesensitizeError(f"significance = {significance:g}: must lie strictly between 0 and 1")
+    n, chance = len(labels), chance_level(labels)
+    p_value = binomial_tail(correct, n, chance)
+    above = p_value < significance
+    return {
+        "accuracy": correct / n,
+        "chance": chance,
+        "images": n,
+        "p_value": p_value,
+        "significance": significance,
+        "above": above,
+        "message": f"accuracy {correct / n:.4f} on {n} images is {'' if above else 'not '}clearly above chance "
+        f"{chance:.4f} (one-sided binomial test: p = {p_value:.2g}, {'<' if above else '>='} {significance:g})",
+    }
 
 
 def bootstrap_interval(

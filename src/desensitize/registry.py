@@ -1,8 +1,12 @@
 """The MLflow model registry: a new version of a registered model, and the champion rule.
 
 Every new version gets alias `challenger`. `champion` moves to it only when the privacy gate
-passed and its accuracy is not below the current champion's. The champion alias is set last,
-after the version's tags, so a crash half-way never leaves it on an unlabelled version.
+passed, its accuracy is clearly above chance (desensitize.privacy.above_chance) and it is not below
+the current champion's; the version's tag `champion_decision` says which and why. The champion alias
+is set last, after the version's tags, so a crash half-way never leaves it on an unlabelled version.
+Reading the champion's accuracy and moving the alias happen under one lock per store and model name
+(desensitize.storage.store_lock: between the processes of one host), so two registrations at once
+can neither both take it nor let the less accurate one keep it.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 from torch import nn
+
+from desensitize.storage import store_lock
 
 MODEL = "masknet"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -35,10 +41,17 @@ def _champion_accuracy(client: mlflow.MlflowClient, name: str) -> float | None:
 
 
 def register_version(
-    model: nn.Module, name: str, *, accuracy: float, gate_passed: bool, tags: dict[str, str]
+    model: nn.Module,
+    name: str,
+    *,
+    accuracy: float,
+    gate_passed: bool,
+    chance: dict[str, Any],
+    tags: dict[str, str],
 ) -> dict[str, Any]:
     """Log `model` in the active run and register it as a new version of `name` with `tags` (plus
-    gate and accuracy); returns the version, whether it became champion, and why."""
+    gate and accuracy); `chance` is desensitize.privacy.above_chance of its test accuracy. Returns the
+    version, whether it became champion, and why."""
     requirements = [f"{package}=={installed_version(package)}" for package in REQUIREMENTS]
     model_info = mlflow.pytorch.log_model(
         model,
@@ -54,15 +67,21 @@ def register_version(
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
 
-    current = _champion_accuracy(client, name)
-    promote = gate_passed and (current is None or not accuracy < current)
-    if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    why = (
-        "privacy gate failed"
-        if not gate_passed
-        else f"accuracy {accuracy:.4f} below the champion's {current:.4f}"
-        if not promote
-        else f"accuracy {accuracy:.4f}" + (f" >= the previous champion's {current:.4f}" if current is not None else "")
-    )
+    with store_lock(mlflow.get_tracking_uri(), f"champion-{name}"):
+        current = _champion_accuracy(client, name)
+        refused = [] if gate_passed else ["privacy gate failed"]
+        if not chance["above"]:
+            refused.append(chance["message"])
+        if current is not None and accuracy < current:
+            refused.append(f"accuracy {accuracy:.4f} below the champion's {current:.4f}")
+        promote = not refused
+        why = (
+            "; ".join(refused)
+            if refused
+            else f"accuracy {accuracy:.4f}"
+            + (f" >= the previous champion's {current:.4f}" if current is not None else "")
+        )
+        client.set_model_version_tag(name, version, "champion_decision", f"{'' if promote else 'not '}champion: {why}")
+        if promote:
+            client.set_registered_model_alias(name, CHAMPION, version)
     return {"version": int(version), "champion": promote, "why": why}

@@ -1,14 +1,18 @@
-"""Atomic, deterministic writes of artifacts, and the array shard format.
+"""Atomic, deterministic writes of artifacts, the array shard format, and locks on a shared store.
 
 Every artifact is built under a temporary name next to its target and renamed into place only
 when complete, so a killed stage leaves nothing that a later stage (or DVC) would trust.
 Shards are zip files of `.npy` members with fixed timestamps: the same arrays always give the
 same bytes, hence the same sha256 and the same DVC hash.
+
+A store that several processes use (the MLflow tracking store) is guarded, where one step must not
+run in two of them at once, by an exclusive file lock (`store_lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -25,6 +29,28 @@ import numpy as np
 from desensitize.errors import DesensitizeError
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str, purpose: str) -> Iterator[None]:
+    """Hold an exclusive lock for `purpose` on the store at `uri`, between the processes of this host:
+    the file `<sqlite file>.<purpose>.lock` next to a SQLite store, else one in the temp directory
+    named by the URI (so the clients of a tracking server on other hosts are not serialised)."""
+    db = sqlite_file(uri)
+    name = f"{purpose}.lock".replace("/", "_")
+    if db is None:
+        path = Path(tempfile.gettempdir()) / f"desensitize-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.{name}"
+    else:
+        path = db.with_name(f"{db.name}.{name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file is closed, or its process dies
+        yield
 
 
 def _umask() -> int:

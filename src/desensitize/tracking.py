@@ -12,6 +12,11 @@ under `desensitize repro`) attach to it. A stage started without one (a bare `dv
 single CLI command) gets a stand-alone run. Lineage never depends on parents: it links runs by
 the digests they recorded.
 
+Several processes may share a store: its first use (MLflow creates the tables and migrates them) and the
+champion move of the registry hold an exclusive lock per store (`store_lock`). Every run records the
+process that owns it (host, pid, process start); a run left RUNNING by a process that was killed is
+set KILLED when the next run starts in the same store on that host (`end_orphaned_runs`).
+
 Digests are computed with DVC's own hashing (dvc_data) rather than read from dvc.lock, because
 under `dvc repro` a stage runs before DVC writes its outputs into the lock; the value is the same
 one DVC then records, and it is also right for a Prefect run that has not reached `dvc commit`.
@@ -24,6 +29,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,7 +44,7 @@ from desensitize.config import Params, get_dotted, load_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 from desensitize.pipeline import Stage
-from desensitize.storage import flatten, sha256_file
+from desensitize.storage import flatten, sha256_file, sqlite_file, store_lock
 from desensitize.versioning import code_version, dvc_md5
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ PREFIX = "desensitize."
 STAGE_TAG = PREFIX + "stage"
 KIND_TAG = PREFIX + "kind"
 ERROR_TAG = PREFIX + "error"
+OWNER_HOST_TAG, OWNER_PID_TAG, OWNER_START_TAG = (PREFIX + f"owner.{key}" for key in ("host", "pid", "start"))
 _UNSAFE_KEY = re.compile(r"[^\w./ -]")
 
 
@@ -65,34 +72,32 @@ def run_link(paths: Paths, run_id: str) -> str:
     return f"run {run_id} of experiment {experiment} in {uri} (browse: mlflow ui --backend-store-uri {uri})"
 
 
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
 def configure(paths: Paths, *, create: bool = True) -> str:
     """Point MLflow at the project's store and experiment; returns the experiment id.
 
-    With `create=False` (readers such as `lineage`) a missing SQLite store is an error, not a new
-    empty one."""
+    The first use of a store creates its tables, which two processes must not do at once: writers
+    get there under `store_lock`. With `create=False` (readers such as `lineage`, which take no lock,
+    so a read-only store will do) a missing SQLite store is an error, not a new empty one."""
     uri = tracking_uri(paths)
-    db = _sqlite_file(uri)
+    db = sqlite_file(uri)
     if db is not None and not create and not db.is_file():
         raise DesensitizeError(f"no MLflow tracking store at {db}: run the pipeline first (`make run`)")
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        if not create:
-            raise DesensitizeError(f"no {EXPERIMENT!r} experiment in the MLflow store {uri}: run the pipeline first")
-        # Next to a SQLite store, not in ./mlruns of whatever directory the process started in.
-        location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
-        try:
-            experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
-        except MlflowException:  # another process created it meanwhile
-            experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-    else:
-        experiment_id = experiment.experiment_id
+    with store_lock(uri, "init") if create else contextlib.nullcontext():
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+        if experiment is None:
+            if not create:
+                raise DesensitizeError(
+                    f"no {EXPERIMENT!r} experiment in the MLflow store {uri}: run the pipeline first"
+                )
+            # Next to a SQLite store, not in ./mlruns of whatever directory the process started in.
+            location = (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+            try:
+                experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+            except MlflowException:  # another host's process created it meanwhile
+                experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -217,13 +222,68 @@ def _parent_run_id() -> str | None:
     return parent
 
 
+def _process_start(pid: int) -> str | None:
+    """When process `pid` of this host started, `<boot id>/<clock ticks after boot>` (Linux /proc); None
+    when it is gone (a zombie included) or cannot be seen. With the pid it names one process: a later
+    process given the same pid started at another time."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces: fields 3 on
+    return None if fields[0] == "Z" else f"{boot}/{fields[19]}"  # field 3 the state, field 22 the start
+
+
+def _owner_tags() -> dict[str, str]:
+    """The process that owns a run, so a later run can tell whether it is gone."""
+    pid = os.getpid()
+    return {
+        OWNER_HOST_TAG: socket.gethostname(),
+        OWNER_PID_TAG: str(pid),
+        OWNER_START_TAG: _process_start(pid) or "unknown",
+    }
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Set KILLED every RUNNING run of the experiment whose owning process, on this host, is gone (a
+    process killed by SIGKILL or out of memory cannot end its run); returns their ids.
+
+    Runs owned by another host are left alone: whether their process lives cannot be seen from here.
+    So are runs without an owner's start time (older runs, or a host without /proc)."""
+    client = mlflow.MlflowClient()
+    query = f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST_TAG}` = '{socket.gethostname()}'"
+    orphans: list[str] = []
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], query, page_token=token)
+        orphans += [run.info.run_id for run in page if _orphaned(run.data.tags)]
+        token = page.token
+        if not token:
+            break
+    for run_id in orphans:
+        client.set_terminated(run_id, status="KILLED")
+    if orphans:
+        log.warning(
+            "%d MLflow run(s) left RUNNING by a process of this host that is gone, now KILLED: %s",
+            len(orphans),
+            ", ".join(orphans),
+        )
+    return orphans
+
+
+def _orphaned(tags: dict[str, str]) -> bool:
+    started = tags.get(OWNER_START_TAG, "unknown")
+    return started != "unknown" and _process_start(int(tags[OWNER_PID_TAG])) != started
+
+
 @contextlib.contextmanager
 def stage_run(stage: Stage, params: Params, paths: Paths) -> Iterator[Callable[[dict[str, Any]], dict[str, Any]]]:
     """A child run around one stage. Yields `record(metrics)`, which the caller passes the stage's
     result through. A stage that raises leaves its run FAILED, with the error as a tag and only
     the artifacts it wrote itself."""
-    configure(paths)
-    tags = {**_run_tags(paths, params), KIND_TAG: "stage", STAGE_TAG: stage.name}
+    end_orphaned_runs(configure(paths))
+    tags = {**_run_tags(paths, params), **_owner_tags(), KIND_TAG: "stage", STAGE_TAG: stage.name}
     if mlflow.active_run() is not None:  # in-process under pipeline_run (or a caller's own run)
         run = mlflow.start_run(run_name=stage.name, nested=True, tags=tags)
     else:
@@ -271,8 +331,8 @@ def pipeline_run(paths: Paths, *, tags: dict[str, str] | None = None) -> Iterato
     """The parent run of one pipeline execution; yields its id. Stage runs started meanwhile, in
     this process or in child processes, become its children. It ends FAILED if the body raises,
     and keeps the dvc.lock the execution left behind (tag and artifact)."""
-    configure(paths)
-    run_tags = {**_run_tags(paths, _params_or_none(paths)), KIND_TAG: "pipeline", **(tags or {})}
+    end_orphaned_runs(configure(paths))
+    run_tags = {**_run_tags(paths, _params_or_none(paths)), **_owner_tags(), KIND_TAG: "pipeline", **(tags or {})}
     previous = os.environ.get(PARENT_ENV)
     with mlflow.start_run(run_name="pipeline", tags=run_tags) as run:
         os.environ[PARENT_ENV] = run.info.run_id

@@ -9,6 +9,10 @@ sweep, not here at equal area. The gate passes only if
 every attacker stays under every threshold with the upper end of its interval (and, for the learned
 attacker, what more attacker data would add); otherwise the stage exits non-zero (unless
 `attack.enforce` is false, which is recorded as an override).
+
+Recognition recovery is read through the reference model: if that model is not clearly above chance
+on the raw test images (desensitize.privacy.above_chance), a recovery near zero proves nothing, and
+the gate's message and report say so.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from desensitize.release import load_released, read_release_info
 from desensitize.reports import heatmap, image_grid, scaling_curves
 from desensitize.splits import load_split
 from desensitize.storage import atomic_path, write_json
-from desensitize.training import best_device, to_float
+from desensitize.training import best_device, predict, to_float
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +61,11 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     # result is reused, and the metrics say so.
     release = cached_attack_suite(paths.attack_cache, target, attacker, fill, cfg, **common)
 
+    test = load_split(paths.raw, "test")
+    reference = privacy.above_chance(int((predict(model, test.images, torch_device) == test.labels).sum()), test.labels)
     verdict = privacy.gate(release["attackers"], release["limits"])
     verdict.update(enforced=cfg.enforce, overridden=not verdict["passed"] and not cfg.enforce)
-    verdict["message"] = _message(verdict, release, cfg.assumed_attacker_images)
+    verdict["message"] = _message(verdict, release, cfg.assumed_attacker_images, reference)
     best = release["best_attacker"]
     truth = to_float(raw.images[idx]).numpy()
     cells = privacy.cell_restoration(
@@ -81,12 +87,13 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
         "best_attacker": best,
         "learned": release["learned"],
         "hidden_information": release["hidden_information"],
+        "reference_raw_test": reference,
         "mask": info.model_dump(include={"strategy", "method", "scope", "hidden_ratio", "cell", "fill"}),
         "gate": verdict,
     }
     _report(paths, metrics, release, raw.images[idx], released.images[idx], cells)
     write_json(paths.attack_metrics, metrics)
-    log.info("%s", verdict["message"])
+    log.log(logging.INFO if reference["above"] else logging.WARNING, "%s", verdict["message"])
     if not verdict["passed"] and cfg.enforce:
         raise DesensitizeError(verdict["message"])
     return metrics
@@ -105,16 +112,29 @@ def _violation(v: dict[str, Any], release: dict[str, Any], budget: int) -> str:
     return text
 
 
-def _message(verdict: dict[str, Any], release: dict[str, Any], budget: int) -> str:
+def _weak_reference(reference: dict[str, Any]) -> str:
+    """What a reference model not clearly above chance means for the gate; empty when it is above."""
+    if reference["above"]:
+        return ""
+    return (
+        f"; the reference model is too weak for recognition recovery to mean anything: its raw test "
+        f"{reference['message']}"
+    )
+
+
+def _message(verdict: dict[str, Any], release: dict[str, Any], budget: int, reference: dict[str, Any]) -> str:
     if verdict["passed"]:
-        return "privacy gate passed: every attacker stays under every threshold, upper interval ends included"
+        return (
+            "privacy gate passed: every attacker stays under every threshold, upper interval ends included"
+            + _weak_reference(reference)
+        )
     broken = "; ".join(_violation(v, release, budget) for v in verdict["violations"])
     tail = (
         "overridden by attack.enforce: false, the pipeline goes on"
         if verdict["overridden"]
         else "release blocked; hide more (masks.*) or set attack.enforce: false to record the failure and go on"
     )
-    return f"privacy gate FAILED: {broken} ({tail})"
+    return f"privacy gate FAILED: {broken} ({tail}){_weak_reference(reference)}"
 
 
 def _interval(scores: dict[str, Any], key: str, fmt: str) -> str:
@@ -158,6 +178,13 @@ def _report(
             " The mask search ran this suite on this release; its result is reused."
             if metrics["reused_from_search"]
             else ""
+        ),
+        f"Reference model on raw test images: {metrics['reference_raw_test']['message']}"
+        + (
+            "."
+            if metrics["reference_raw_test"]["above"]
+            else ": **too weak for recognition recovery to mean anything** (an attacker's restorations cannot "
+            "be recognised by a model that recognises nothing)."
         ),
         "",
         f"Scores with {level} intervals; the gate judges the upper end (for `learned`, plus what the "

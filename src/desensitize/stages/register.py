@@ -2,8 +2,9 @@
 model `masknet-<data.source>`, with the release's mask built in (desensitize.inference), and the
 release's model card and data card are written.
 
-A gate-failed release (reachable only with attack.enforce: false) is registered, visible and
-comparable, but never becomes `champion` (desensitize.registry).
+A gate-failed release (reachable only with attack.enforce: false), or a model whose test accuracy
+is not clearly above chance (the majority-class rate of the test split, desensitize.privacy), is
+registered, visible and comparable, but never becomes `champion` (desensitize.registry).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from typing import Any
 
 import mlflow
 
+from desensitize import privacy
 from desensitize.cards import write_cards
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
 from desensitize.inference import MaskedClassifier
 from desensitize.paths import Paths
 from desensitize.registry import CHALLENGER, MODEL, model_name, register_version
-from desensitize.release import read_release_info
+from desensitize.release import load_released, read_release_info
 from desensitize.storage import read_json
 from desensitize.versioning import dvc_md5
 
@@ -33,6 +35,8 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         raise DesensitizeError("the register stage logs into an MLflow run: run it through run_stage / the CLI")
     gate = read_json(paths.attack_metrics)["gate"]
     accuracy = float(read_json(paths.evaluate_metrics)["accuracy"][MODEL])
+    labels = load_released(paths.release, "test").labels  # the test images that accuracy was measured on
+    chance = privacy.above_chance(round(accuracy * len(labels)), labels)
     info = read_release_info(paths.release)
     release_digest = dvc_md5(paths.release)
     image_saliency = info.scope == "image" and info.strategy == "saliency"
@@ -59,8 +63,11 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         "hidden_ratio": repr(info.hidden_ratio),
         "registration_run_id": run.info.run_id,
     }
-    result = register_version(classifier, name, accuracy=accuracy, gate_passed=bool(gate["passed"]), tags=tags)
-    log.info(
+    result = register_version(
+        classifier, name, accuracy=accuracy, gate_passed=bool(gate["passed"]), chance=chance, tags=tags
+    )
+    log.log(
+        logging.INFO if chance["above"] else logging.WARNING,
         "registered %s version %s (%s); champion %s: %s",
         name,
         result["version"],
@@ -73,4 +80,7 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         "champion": result["champion"],
         "gate_passed": bool(gate["passed"]),
         "accuracy": accuracy,
+        "above_chance": chance["above"],
+        "chance_p_value": chance["p_value"],
+        "champion_decision": result["why"],
     }
