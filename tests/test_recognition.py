@@ -17,6 +17,7 @@ from desensitize.inference import MaskedClassifier
 from desensitize.masknet import MaskNet, with_mask_channel
 from desensitize.models import build_backbone
 from desensitize.paths import Paths
+from desensitize.privacy import wilson_interval
 from desensitize.release import load_released
 from desensitize.splits import load_split
 from desensitize.stages.baselines import train_baselines
@@ -115,8 +116,16 @@ def test_pipeline_models_evaluate_and_inference_masks_new_images(tiny_project, t
         classifier = MaskedClassifier(paths.model(name), paths.release, device="cpu")
         masked, masks = classifier.release(raw_test.images)
         np.testing.assert_array_equal(masked, released_test.images)
-        accuracy = (classifier.predict(raw_test.images) == raw_test.labels).mean()
-        assert accuracy == pytest.approx(metrics["accuracy"][name])
+        correct = int((classifier.predict(raw_test.images) == raw_test.labels).sum())
+        assert correct / len(raw_test.labels) == pytest.approx(metrics["accuracy"][name])
+        # One run's accuracy carries its 95% interval over the test images (Wilson), in the metrics and the table.
+        lo, hi = metrics["accuracy_interval"][name]
+        assert (lo, hi) == pytest.approx(wilson_interval(correct, len(raw_test.labels)))
+        assert lo < metrics["accuracy"][name] < hi and hi - lo > 0.02  # a few hundred test images: not a point
+        assert (
+            f"{metrics['accuracy'][name]:.4f} [{lo:.4f}, {hi:.4f}]"
+            in (paths.evaluate_reports / "summary.md").read_text()
+        )
 
         # A version registered before release.json had a typed model pickled its info as a dict.
         old = pickle.loads(pickle.dumps(classifier))

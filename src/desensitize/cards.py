@@ -74,6 +74,12 @@ def _mask_line(info: ReleaseInfo) -> str:
     return line
 
 
+def accuracy_with_interval(evaluation: dict[str, Any], name: str) -> str:
+    """A model's test accuracy from metrics/evaluate.json with its 95% interval over the test images."""
+    lo, hi = evaluation["accuracy_interval"][name]
+    return f"{evaluation['accuracy'][name]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
 def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest: str) -> None:
     info = read_release_info(paths.release)
     attack = read_json(paths.attack_metrics)
@@ -106,12 +112,14 @@ def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest
         "",
         f"Accuracy on {evaluation['n_test']} masked test images (raw is the owner's upper bound):",
         "",
-        "| model | accuracy |",
+        "| model | accuracy [95% interval over the test images] |",
         "|---|---|",
-        *(f"| {name} | {value:.4f} |" for name, value in acc.items()),
+        *(f"| {name} | {accuracy_with_interval(evaluation, name)} |" for name in acc),
         "",
         f"MaskNet over plain: {evaluation['masknet_over_plain']:+.4f}. This mask over a random one of the "
-        f"same ratio: {evaluation['saliency_over_random']:+.4f}.",
+        f"same ratio: {evaluation['saliency_over_random']:+.4f}. These are one run's figures (seed {params.seed}): "
+        "besides the test sample (the interval), they move with the seed and, for trained models, with the "
+        "machine (floating-point order); compare releases on several seeds.",
         "",
         "## Privacy of the data it was trained on",
         "",

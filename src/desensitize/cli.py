@@ -205,10 +205,12 @@ def summary() -> None:
             "evaluate   not run: the privacy gate blocked this release (nothing was trained or registered on it)"
         )
     elif paths.evaluate_metrics.is_file():
+        from desensitize.cards import accuracy_with_interval
+
         e = read_json(paths.evaluate_metrics)
-        acc = ", ".join(f"{name} {value:.4f}" for name, value in e["accuracy"].items())
+        acc = ", ".join(f"{name} {accuracy_with_interval(e, name)}" for name in e["accuracy"])
         lines.append(
-            f"evaluate   test accuracy: {acc}; masknet over plain {e['masknet_over_plain']:+.4f}, "
+            f"evaluate   test accuracy [95% interval]: {acc}; masknet over plain {e['masknet_over_plain']:+.4f}, "
             f"this mask over random {e['saliency_over_random']:+.4f}"
         )
     typer.echo("\n".join(lines) if lines else "no metrics yet: run `dvc repro` first")

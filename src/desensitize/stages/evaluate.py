@@ -1,8 +1,9 @@
 """The `evaluate` stage: every model of the comparison on its own masked test set.
 
 `raw` on raw test images, `plain_random` on test images under the random mask, `plain` and
-`masknet` on the released (masked) test set. Writes metrics/evaluate.json (accuracy per model,
-the two gains), a confusion matrix PNG per model and a Markdown table in reports/evaluate/.
+`masknet` on the released (masked) test set. Writes metrics/evaluate.json (accuracy per model with
+its 95% Wilson interval over the test images, the two gains), a confusion matrix PNG per model and
+a Markdown table in reports/evaluate/.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
+from desensitize.cards import accuracy_with_interval
 from desensitize.checkpoints import load_checkpoint
 from desensitize.config import Params
 from desensitize.masknet import with_mask_channel
 from desensitize.paths import MODELS, Paths
+from desensitize.privacy import wilson_interval
 from desensitize.release import load_released, random_release_of, read_release_info
 from desensitize.reports import confusion_matrix
 from desensitize.splits import load_split
@@ -35,12 +38,13 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
         "masknet": with_mask_channel(released.images, released.masks),
     }
     torch_device = best_device(device)
-    accuracy, per_class = {}, {}
+    accuracy, interval, per_class = {}, {}, {}
     for name in MODELS:
         model, _ = load_checkpoint(paths.model(name), torch_device)
         predictions = predict(model, inputs[name], torch_device)
         report = accuracy_report(predictions, raw.labels, raw.class_names)
         accuracy[name], per_class[name] = report["accuracy"], report["per_class_accuracy"]
+        interval[name] = list(wilson_interval(int((predictions == raw.labels).sum()), len(raw.labels)))
         k = len(raw.class_names)
         matrix = np.bincount(raw.labels * k + predictions, minlength=k * k).reshape(k, k)
         confusion_matrix(
@@ -51,6 +55,9 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
         )
     metrics = {
         "accuracy": accuracy,
+        # One run's figure moves with the test sample (this interval) and with the seed and machine
+        # (README: what is reproducible).
+        "accuracy_interval": interval,
         "masknet_over_plain": accuracy["masknet"] - accuracy["plain"],
         "saliency_over_random": accuracy["plain"] - accuracy["plain_random"],
         "per_class_accuracy": per_class,
@@ -64,7 +71,7 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
 
 def _table(paths: Paths, metrics: dict[str, Any]) -> None:
     mask = metrics["mask"]
-    a = metrics["accuracy"]
+    a = {name: accuracy_with_interval(metrics, name) for name in metrics["accuracy"]}
     lines = [
         "# Recognition on masked images",
         "",
@@ -72,12 +79,12 @@ def _table(paths: Paths, metrics: dict[str, Any]) -> None:
         f"{mask['hidden_ratio']:.0%} of {mask['cell']}x{mask['cell']} cells hidden, {mask['fill']} fill. "
         f"Test images: {metrics['n_test']}.",
         "",
-        "| model | trained and tested on | accuracy |",
+        "| model | trained and tested on | accuracy [95% interval] |",
         "|---|---|---|",
-        f"| raw | raw images (owner-side upper bound) | {a['raw']:.4f} |",
-        f"| plain_random | a random mask of the same ratio and grid | {a['plain_random']:.4f} |",
-        f"| plain | the release | {a['plain']:.4f} |",
-        f"| masknet | the release, with its mask | {a['masknet']:.4f} |",
+        f"| raw | raw images (owner-side upper bound) | {a['raw']} |",
+        f"| plain_random | a random mask of the same ratio and grid | {a['plain_random']} |",
+        f"| plain | the release | {a['plain']} |",
+        f"| masknet | the release, with its mask | {a['masknet']} |",
         "",
         f"MaskNet over plain (model adjustment): {metrics['masknet_over_plain']:+.4f}. "
         f"This mask over a random one (mask generation): {metrics['saliency_over_random']:+.4f}.",
