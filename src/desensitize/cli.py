@@ -110,7 +110,8 @@ def verify_release(
 ) -> None:
     """Prove a release bundle safe to hand out: only allowed files, checksums intact, every hidden
     pixel exactly the declared fill (no raw value), visible pixels equal to raw, whole cells hidden
-    at the declared ratio. Exits 2 naming the first offending item."""
+    at the declared ratio, and the declared grid, ratios and fill value true of the masks and the raw
+    data. Exits 2 naming the first offending item."""
     from desensitize.release import verify_release as run
 
     summary = run(path, raw)
