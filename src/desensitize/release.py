@@ -2,8 +2,11 @@
 
 `data/release/` holds exactly: `train-*.npz` and `test-*.npz` shards (uint8 masked `images`,
 `labels`, and the `masks` applied to them) and `release.json` (settings, achieved hidden ratio,
-class names, sha256 of every shard, creation time, code version). Never raw pixels at hidden
-positions, attribution maps, the reference model, file names, or the `public` split.
+class names, sha256 of every shard, package version). Never raw pixels at hidden positions,
+attribution maps, the reference model, file names, or the `public` split. Nor anything that differs
+between two runs that release the same shards (creation time, git commit, dirty flag: the masks
+stage's MLflow run records those): DVC hashes the bundle, and a new hash reruns every stage after
+it and registers a duplicate model version.
 
 `verify_release` proves that against the raw data: every hidden pixel holds exactly the
 declared fill (which never depends on the image), every visible pixel is the raw one, the masks
@@ -18,7 +21,6 @@ fill would release: the baseline every comparison of mask strategies uses.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +29,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+import desensitize
 from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
 from desensitize.masks import apply_mask, cell_scores, fill_values, grid_shape, n_hidden_cells, random_masks
 from desensitize.splits import Split, load_split
 from desensitize.storage import read_shards, read_versioned_json, write_json, write_shards
-from desensitize.versioning import code_version
 
 RELEASE_JSON = "release.json"
 FORMAT_VERSION = 1
@@ -91,8 +93,7 @@ class ReleaseInfo(MaskSettings):
     format: Literal[1] = FORMAT_VERSION
     counts: dict[str, int]
     shards: dict[str, list[ShardEntry]]
-    created: str
-    code_version: dict[str, Any]
+    code_version: dict[str, Any]  # {"package": version}; no time or git commit (see the module docstring)
 
     def random_like(self) -> MaskParams:
         """The `random` mask settings matching this release (its ratio, grid, scope and fill)."""
@@ -117,8 +118,7 @@ def write_release(
         **settings.model_dump(),
         counts={name: len(s.images) for name, s in splits.items()},
         shards=shards,
-        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        code_version=code_version(),
+        code_version={"package": desensitize.__version__},
     )
     write_json(Path(directory) / RELEASE_JSON, release.model_dump(mode="json"))
     return release
