@@ -139,9 +139,7 @@ def summary() -> None:
     lines = []
     if paths.reference_metrics.is_file():
         ref = read_json(paths.reference_metrics)
-        lines.append(
-            f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f} ({ref['wall_seconds']} s)"
-        )
+        lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f}")
     search = paths.masks_reports / "search.json"
     if search.is_file() and not paths.masks_metrics.is_file() and read_json(search).get("chosen", "") is None:
         lines.append(
