@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from desensitize.masks import apply_mask
 from desensitize.paths import Paths
 from desensitize.stages.attack import run_attack
 from desensitize.stages.masks import generate_masks
+from desensitize.storage import sha256_file
 
 CPU = torch.device("cpu")
 SIZE, N = 16, 64
@@ -336,3 +338,15 @@ def test_the_attack_cache_keys_on_every_input(tmp_path):
     assert (first["cached"], second["cached"]) == (False, True)
     assert second["attackers"]["telea"]["psnr_gain"] == first["attackers"]["telea"]["psnr_gain"]
     np.testing.assert_array_equal(second["reconstructions"]["telea"], first["reconstructions"]["telea"])
+
+
+def test_a_rerun_of_the_attack_stage_writes_the_same_metrics_and_keeps_timings_for_mlflow(tiny_project, tmp_path):
+    """metrics/attack.json is a dependency of `register`: a wall time in it would register a duplicate version."""
+    params, paths = _project(tiny_project, tmp_path, enforce=False)
+    first = run_attack(params, paths, device="cpu")
+    digest = sha256_file(paths.attack_metrics)
+    shutil.rmtree(paths.attack_cache)  # attacked afresh, the attackers take other wall times
+    run_attack(params, paths, device="cpu")
+    assert sha256_file(paths.attack_metrics) == digest
+    assert "seconds" not in paths.attack_metrics.read_text()
+    assert first["attackers"]["learned"]["seconds"] > 0  # returned to the MLflow run only

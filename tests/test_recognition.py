@@ -127,9 +127,10 @@ def test_pipeline_models_evaluate_and_inference_masks_new_images(tiny_project, t
             in (paths.evaluate_reports / "summary.md").read_text()
         )
 
-        # A version registered before release.json had a typed model pickled its info as a dict.
+        # A version registered before release.json had a typed model pickled its info as a dict (with
+        # the creation time release.json held then).
         old = pickle.loads(pickle.dumps(classifier))
-        old.info = classifier.info.model_dump(mode="json")
+        old.info = {**classifier.info.model_dump(mode="json"), "created": "2024-01-01T00:00:00+00:00"}
         restored = pickle.loads(pickle.dumps(old))
         assert restored.info == classifier.info
         np.testing.assert_array_equal(restored.predict(raw_test.images), classifier.predict(raw_test.images))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from conftest import FAILING_GATE, LENIENT_GATE, TINY_SEARCH, copy_project, tiny
 from desensitize.cli import app
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
-from desensitize.release import RELEASE_JSON, load_released, verify_release
+from desensitize.release import RELEASE_JSON, channel_mean, load_released, verify_release
 from desensitize.splits import load_split
 from desensitize.stages.masks import generate_masks
 from desensitize.storage import sha256_file, write_arrays
@@ -234,3 +235,105 @@ def test_summary_says_when_the_search_released_nothing(tmp_path: Path, monkeypat
     assert result.exit_code == 0
     assert "masks      no release: no mask candidate passes the privacy gate" in result.output
     assert "attack " not in result.output
+
+
+def _declare(paths: Paths, **changes) -> None:
+    """Edit release.json's settings (not the shards): what verify-release must catch."""
+    path = paths.release / RELEASE_JSON
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_verify_checks_the_declared_grid_and_ratios_against_the_masks(released: Paths, monkeypatch):
+    original = (released.release / RELEASE_JSON).read_text()
+    cases = [  # the tiny release: 8x8 images, 2-pixel cells, 8 of 16 cells hidden
+        ({"hidden_ratio": 0.9}, r"release.json: hidden_ratio 0.9, but 8 of 16 cells hidden is 0.5"),
+        (
+            {"hidden_ratio_requested": 0.9},
+            r"release.json: hidden_ratio_requested 0.9 hides 14 of 16 cells, n_hidden_cells says 8",
+        ),
+        (
+            {"hidden_ratio_requested": 0.75, "hidden_ratio": 0.75, "n_hidden_cells": 12},
+            r"train image 0: 8 hidden cells, release.json says 12 of 16",
+        ),
+        ({"cell": 4}, r"release.json: cell 4 cuts 8x8 images into a 2x2 grid, grid says \[4, 4\]"),
+        ({"n_cells": 20}, r"release.json: n_cells 20, but a 4x4 grid has 16 cells"),
+        ({"cell": 4, "grid": [2, 2], "n_cells": 4, "n_hidden_cells": 2}, r"masks do not hide whole 4x4 cells"),
+        ({"hidden_ratio_pixels": 0.9}, r"release.json: hidden_ratio_pixels 0.9, but the train masks hide 0.5"),
+        ({"image_shape": [1, 16, 16]}, r"release.json: image_shape \[1, 16, 16\], the raw images are \[1, 8, 8\]"),
+    ]
+    for changes, message in cases:
+        _declare(released, **changes)
+        with pytest.raises(DesensitizeError, match=message):
+            verify_release(released.release, released.raw)
+        (released.release / RELEASE_JSON).write_text(original)
+
+    _declare(released, hidden_ratio=0.9)
+    monkeypatch.chdir(released.root)
+    result = CliRunner().invoke(app, ["verify-release", "data/release"])
+    assert result.exit_code == 2 and "hidden_ratio 0.9, but 8 of 16 cells hidden is 0.5" in result.output
+
+
+def test_verify_checks_the_declared_fill_against_the_raw_data_and_the_hidden_pixels(released: Paths, monkeypatch):
+    original = (released.release / RELEASE_JSON).read_text()
+    mean = channel_mean(load_split(released.raw, "train")).tolist()
+    assert mean != [0]
+    cases = [
+        (
+            {"fill_value": [33]},  # the true fill is 0, as is much of the raw background: no leak to report
+            r"release.json: fill_value \[33\] does not match fill 'zero' \(expected \[0\]\)",
+        ),
+        (
+            {"fill": "mean"},
+            rf"release.json: fill 'mean' declares fill_value \[0\], but the per-channel mean of the raw "
+            rf"train images is \[{mean[0]}\]",
+        ),
+        (
+            {"fill": "mean", "fill_value": mean},
+            rf"train: declared fill_value \[{mean[0]}\] \(fill 'mean'\), but the hidden pixels of channel 0 hold 0",
+        ),
+        ({"fill_seed": 5}, r"release.json: fill_seed 5, but fill 'zero' draws no noise \(expected null\)"),
+    ]
+    for changes, message in cases:
+        _declare(released, **changes)
+        with pytest.raises(DesensitizeError, match=message) as raised:
+            verify_release(released.release, released.raw)
+        assert "leaked" not in str(raised.value)
+        (released.release / RELEASE_JSON).write_text(original)
+
+    _declare(released, fill="mean")
+    monkeypatch.chdir(released.root)
+    result = CliRunner().invoke(app, ["verify-release", "data/release"])
+    assert result.exit_code == 2 and "fill 'mean' declares fill_value [0]" in result.output
+
+
+def test_verify_needs_the_seed_of_a_noise_fill(tiny_project, tmp_path: Path):
+    paths = _copy(tiny_project, tmp_path)
+    generate_masks(tiny_params(strategy="center", fill="noise"), paths, device="cpu")
+    verify_release(paths.release, paths.raw)
+    _declare(paths, fill_seed=None)
+    with pytest.raises(DesensitizeError, match=r"release.json: fill 'noise' needs the fill_seed it was drawn with"):
+        verify_release(paths.release, paths.raw)
+    _declare(paths, fill_seed=7)
+    with pytest.raises(
+        DesensitizeError, match=r"train image 0, .*hidden pixel holds \d+, not the noise of fill_seed 7"
+    ):
+        verify_release(paths.release, paths.raw)
+
+
+def test_a_rerun_of_the_masks_stage_writes_byte_identical_outputs(tiny_project, tmp_path: Path):
+    """DVC hashes data/release (and the stage's other outputs): identical shards must give identical bytes,
+    or every downstream stage reruns and `register` adds a duplicate version."""
+    paths = _copy(tiny_project, tmp_path)
+    params = tiny_params(template="mean")
+
+    def outputs() -> dict[str, str]:
+        files = [*paths.release.rglob("*"), *paths.masks_reports.rglob("*"), paths.masks_metrics]
+        return {p.relative_to(paths.root).as_posix(): sha256_file(p) for p in files if p.is_file()}
+
+    generate_masks(params, paths, device="cpu")
+    first = outputs()
+    time.sleep(1.1)  # a creation time in seconds would differ
+    metrics = generate_masks(params, paths, device="cpu")
+    assert outputs() == first
+    assert metrics["attribution_images_per_second"] > 0  # returned to the MLflow run, kept out of the file
+    assert "attribution_images_per_second" not in json.loads(paths.masks_metrics.read_text())

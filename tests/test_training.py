@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
+from conftest import copy_project, tiny_params
 from desensitize.config import ClassifierParams
 from desensitize.models import build_backbone
+from desensitize.stages.reference import train_reference
+from desensitize.storage import sha256_file
 from desensitize.training import accuracy_report, predict, seed_everything, train_classifier
 
 
@@ -47,3 +53,15 @@ def test_accuracy_report_by_hand():
     report = accuracy_report(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), ("a", "b", "c", "d"))
     assert report["accuracy"] == 0.75
     assert report["per_class_accuracy"] == {"a": 1.0, "b": 1.0, "c": 0.5, "d": None}
+
+
+def test_a_rerun_of_the_reference_stage_writes_byte_identical_outputs(tiny_project, tmp_path: Path):
+    """Its outputs are DVC outs: a wall time in metrics/reference.json would change dvc.lock on every rerun."""
+    paths = copy_project(tiny_project, tmp_path / "project")
+    outputs = (paths.reference_model, paths.reference_history, paths.reference_metrics)
+    first = train_reference(tiny_params(), paths, device="cpu")
+    digests = [sha256_file(p) for p in outputs]
+    second = train_reference(tiny_params(), paths, device="cpu")
+    assert [sha256_file(p) for p in outputs] == digests
+    assert first["wall_seconds"] > 0 and second["wall_seconds"] > 0  # returned to the MLflow run only
+    assert "wall_seconds" not in json.loads(paths.reference_metrics.read_text())

@@ -138,7 +138,8 @@ def verify_release(
 ) -> None:
     """Prove a release bundle safe to hand out: only allowed files, checksums intact, every hidden
     pixel exactly the declared fill (no raw value), visible pixels equal to raw, whole cells hidden
-    at the declared ratio. Exits 2 naming the first offending item."""
+    at the declared ratio, and the declared grid, ratios and fill value true of the masks and the raw
+    data. Exits 2 naming the first offending item."""
     from desensitize.release import verify_release as run
 
     summary = run(path, raw)
@@ -166,9 +167,7 @@ def summary() -> None:
     lines = []
     if paths.reference_metrics.is_file():
         ref = read_json(paths.reference_metrics)
-        lines.append(
-            f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f} ({ref['wall_seconds']} s)"
-        )
+        lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f}")
     search = paths.masks_reports / "search.json"
     if search.is_file() and not paths.masks_metrics.is_file() and read_json(search).get("chosen", "") is None:
         lines.append(

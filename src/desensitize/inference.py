@@ -61,10 +61,11 @@ class MaskedClassifier(nn.Module):
             self.reference, _ = load_checkpoint(reference_path, self.device)
 
     def __setstate__(self, state: dict) -> None:
-        """Versions registered before release.json had a typed model pickled it as a plain dict."""
+        """Versions registered before release.json had a typed model pickled it as a plain dict (with
+        a creation time, which release.json no longer holds)."""
         super().__setstate__(state)
         if isinstance(self.info, dict):
-            self.info = ReleaseInfo.model_validate(self.info)
+            self.info = ReleaseInfo.model_validate({k: v for k, v in self.info.items() if k != "created"})
 
     def masks_for(self, images: np.ndarray) -> np.ndarray:
         """The release's masking rule applied to new uint8 images (N, C, H, W): (N, H, W)."""

@@ -2,12 +2,17 @@
 
 `data/release/` holds exactly: `train-*.npz` and `test-*.npz` shards (uint8 masked `images`,
 `labels`, and the `masks` applied to them) and `release.json` (settings, achieved hidden ratio,
-class names, sha256 of every shard, creation time, code version). Never raw pixels at hidden
-positions, attribution maps, the reference model, file names, or the `public` split.
+class names, sha256 of every shard, package version). Never raw pixels at hidden positions,
+attribution maps, the reference model, file names, or the `public` split. Nor anything that differs
+between two runs that release the same shards (creation time, git commit, dirty flag: the masks
+stage's MLflow run records those): DVC hashes the bundle, and a new hash reruns every stage after
+it and registers a duplicate model version.
 
 `verify_release` proves that against the raw data: every hidden pixel holds exactly the
 declared fill (which never depends on the image), every visible pixel is the raw one, the masks
-hide whole cells at the declared ratio, and nothing else is in the bundle.
+hide whole cells at the declared ratio, nothing else is in the bundle, and what release.json
+declares about the mask (grid, cell and pixel ratios, fill value and seed) is what the shards and
+the raw data show: these values become registry tags and card lines.
 
 `ReleaseInfo` is the typed content of `release.json`, written by the masks stage and read by every
 consumer. `random_counterpart` is what a seeded `random` mask of the same ratio, grid, scope and
@@ -16,7 +21,7 @@ fill would release: the baseline every comparison of mask strategies uses.
 
 from __future__ import annotations
 
-import datetime as dt
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,12 +29,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+import desensitize
 from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
-from desensitize.masks import apply_mask, cell_scores, fill_values, grid_shape, random_masks
+from desensitize.masks import apply_mask, cell_scores, fill_values, grid_shape, n_hidden_cells, random_masks
 from desensitize.splits import Split, load_split
 from desensitize.storage import read_shards, read_versioned_json, write_json, write_shards
-from desensitize.versioning import code_version
 
 RELEASE_JSON = "release.json"
 FORMAT_VERSION = 1
@@ -88,8 +93,7 @@ class ReleaseInfo(MaskSettings):
     format: Literal[1] = FORMAT_VERSION
     counts: dict[str, int]
     shards: dict[str, list[ShardEntry]]
-    created: str
-    code_version: dict[str, Any]
+    code_version: dict[str, Any]  # {"package": version}; no time or git commit (see the module docstring)
 
     def random_like(self) -> MaskParams:
         """The `random` mask settings matching this release (its ratio, grid, scope and fill)."""
@@ -114,8 +118,7 @@ def write_release(
         **settings.model_dump(),
         counts={name: len(s.images) for name, s in splits.items()},
         shards=shards,
-        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        code_version=code_version(),
+        code_version={"package": desensitize.__version__},
     )
     write_json(Path(directory) / RELEASE_JSON, release.model_dump(mode="json"))
     return release
@@ -198,6 +201,89 @@ def _first(where: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(where)[0])
 
 
+def _check_declared(release: ReleaseInfo, path: Path, raw_train: Split) -> None:
+    """The settings in release.json that the shards alone cannot prove: the grid against the image
+    size and cell, the hidden count against the requested and the achieved ratio, the fill value
+    against what the fill is (0, the raw train images' channel mean, or seeded noise)."""
+    shape = list(raw_train.images.shape[1:])
+    if release.image_shape != shape:
+        raise DesensitizeError(f"{path}: image_shape {release.image_shape}, the raw images are {shape}")
+    channels, height, width = shape
+    grid = grid_shape(height, width, release.cell)
+    if tuple(release.grid) != grid:
+        raise DesensitizeError(
+            f"{path}: cell {release.cell} cuts {height}x{width} images into a {grid[0]}x{grid[1]} grid, "
+            f"grid says {list(release.grid)}"
+        )
+    n_cells, n_hidden = grid[0] * grid[1], release.n_hidden_cells
+    if release.n_cells != n_cells:
+        raise DesensitizeError(f"{path}: n_cells {release.n_cells}, but a {grid[0]}x{grid[1]} grid has {n_cells} cells")
+    try:
+        requested = n_hidden_cells(n_cells, release.hidden_ratio_requested)
+    except DesensitizeError:
+        raise DesensitizeError(
+            f"{path}: hidden_ratio_requested {release.hidden_ratio_requested:g} hides no cell or every cell "
+            f"of {n_cells}"
+        ) from None
+    if requested != n_hidden:
+        raise DesensitizeError(
+            f"{path}: hidden_ratio_requested {release.hidden_ratio_requested:g} hides {requested} of {n_cells} "
+            f"cells, n_hidden_cells says {n_hidden}"
+        )
+    if not math.isclose(release.hidden_ratio, n_hidden / n_cells, rel_tol=1e-9):
+        raise DesensitizeError(
+            f"{path}: hidden_ratio {release.hidden_ratio:g}, but {n_hidden} of {n_cells} cells hidden "
+            f"is {n_hidden / n_cells:g}"
+        )
+    expected = channel_mean(raw_train).tolist() if release.fill == "mean" else [0] * channels
+    if release.fill_value != expected:
+        if release.fill == "mean":
+            raise DesensitizeError(
+                f"{path}: fill 'mean' declares fill_value {release.fill_value}, but the per-channel mean of "
+                f"the raw train images is {expected}"
+            )
+        raise DesensitizeError(
+            f"{path}: fill_value {release.fill_value} does not match fill {release.fill!r} (expected {expected})"
+        )
+    if release.fill == "noise" and release.fill_seed is None:
+        raise DesensitizeError(f"{path}: fill 'noise' needs the fill_seed it was drawn with, got null")
+    if release.fill != "noise" and release.fill_seed is not None:
+        raise DesensitizeError(
+            f"{path}: fill_seed {release.fill_seed}, but fill {release.fill!r} draws no noise (expected null)"
+        )
+
+
+def _check_fill(release: ReleaseInfo, split: str, released: ReleasedSplit, raw: Split, hidden: np.ndarray) -> None:
+    """Every hidden pixel holds the declared fill; a visible one, the raw pixel. Raises naming the first
+    that does not (a solid fill held by none of the hidden pixels is named as such, not as a leak)."""
+    stream = FILL_STREAMS[split]
+    fill = fill_values(release.fill, raw.images.shape, np.asarray(release.fill_value), release.fill_seed, stream)
+    if release.fill != "noise":
+        for c, declared in enumerate(release.fill_value):
+            values = released.images[:, c][hidden[:, c]]
+            if values.size and values.min() == values.max() != declared:
+                raise DesensitizeError(
+                    f"{split}: declared fill_value {release.fill_value} (fill {release.fill!r}), but the hidden "
+                    f"pixels of channel {c} hold {values.min()}"
+                )
+    wrong = released.images != np.where(hidden, fill, raw.images)
+    if not wrong.any():
+        return
+    i, c, y, x = _first(wrong)
+    value, raw_value = released.images[i, c, y, x], raw.images[i, c, y, x]
+    if hidden[i, c, y, x]:
+        declared = (
+            f"the noise of fill_seed {release.fill_seed}"
+            if release.fill == "noise"
+            else f"the declared fill_value {release.fill_value[c]}"
+        )
+        leak = " (the raw value: raw pixel leaked)" if value == raw_value else ""
+        problem = f"hidden pixel holds {value}, not {declared}{leak}"
+    else:
+        problem = f"visible pixel holds {value}, the raw image has {raw_value}"
+    raise DesensitizeError(f"{split} image {i}, channel {c}, pixel (row {y}, col {x}): {problem}")
+
+
 def verify_release(directory: Path, raw_dir: Path) -> dict[str, Any]:
     """Raise DesensitizeError naming the first offending item; returns a summary when all holds."""
     directory = Path(directory)
@@ -210,6 +296,8 @@ def verify_release(directory: Path, raw_dir: Path) -> dict[str, Any]:
             )
     if set(release.shards) != set(RELEASED_SPLITS):
         raise DesensitizeError(f"{directory / RELEASE_JSON}: splits {sorted(release.shards)}, expected train and test")
+    raw_train = load_split(raw_dir, "train")
+    _check_declared(release, directory / RELEASE_JSON, raw_train)
 
     cell, n_hidden = release.cell, release.n_hidden_cells
     summary: dict[str, Any] = {"release": str(directory), "splits": {}}
@@ -220,49 +308,40 @@ def verify_release(directory: Path, raw_dir: Path) -> dict[str, Any]:
             if extra:
                 raise DesensitizeError(f"{directory / entry.file}: arrays not allowed in a release: {sorted(extra)}")
         released = load_released(directory, split)  # checks every shard's sha256
-        raw = load_split(raw_dir, split)
-        where = f"{split}"
+        raw = raw_train if split == "train" else load_split(raw_dir, split)
         if released.images.shape != raw.images.shape or released.images.dtype != np.uint8:
             raise DesensitizeError(
-                f"{where}: images {released.images.shape} {released.images.dtype}, raw {raw.images.shape}"
+                f"{split}: images {released.images.shape} {released.images.dtype}, raw {raw.images.shape}"
             )
         if not np.array_equal(released.labels, raw.labels):
-            raise DesensitizeError(f"{where}: labels differ from the raw split")
+            raise DesensitizeError(f"{split}: labels differ from the raw split")
         n, _, height, width = raw.images.shape
         if released.masks.shape != (n, height, width) or not np.isin(released.masks, (0, 1)).all():
-            raise DesensitizeError(f"{where}: masks must be (N, H, W) of 0/1, got {released.masks.shape}")
+            raise DesensitizeError(f"{split}: masks must be (N, H, W) of 0/1, got {released.masks.shape}")
         if release.scope == "set" and not (released.masks == released.masks[:1]).all():
-            raise DesensitizeError(f"{where}: scope is 'set' but the images carry different masks")
-        gh, gw = grid_shape(height, width, cell)
+            raise DesensitizeError(f"{split}: scope is 'set' but the images carry different masks")
         cell_area = cell_scores(np.ones((height, width)), cell)
         hidden_area = cell_scores(1 - released.masks.astype(np.float64), cell)
         if not np.isin(hidden_area / cell_area, (0.0, 1.0)).all():
-            raise DesensitizeError(f"{where}: masks do not hide whole {cell}x{cell} cells")
+            raise DesensitizeError(f"{split}: masks do not hide whole {cell}x{cell} cells")
         counts = (hidden_area > 0).sum(axis=(1, 2))
         if (counts != n_hidden).any():
             i = int(np.flatnonzero(counts != n_hidden)[0])
             raise DesensitizeError(
-                f"{where} image {i}: {counts[i]} hidden cells, release.json says {n_hidden} of {gh * gw}"
+                f"{split} image {i}: {counts[i]} hidden cells, release.json says {n_hidden} of {release.n_cells}"
+            )
+        hidden_ratio_pixels = float(1 - released.masks.mean())
+        if split == "train" and not math.isclose(release.hidden_ratio_pixels, hidden_ratio_pixels, rel_tol=1e-9):
+            raise DesensitizeError(
+                f"{directory / RELEASE_JSON}: hidden_ratio_pixels {release.hidden_ratio_pixels:g}, but the train "
+                f"masks hide {hidden_ratio_pixels:g}"
             )
 
-        fill = fill_values(
-            release.fill, raw.images.shape, np.asarray(release.fill_value), release.fill_seed, FILL_STREAMS[split]
-        )
         hidden = np.broadcast_to(released.masks[:, None] == 0, raw.images.shape)
-        expected = np.where(hidden, fill, raw.images)
-        wrong = released.images != expected
-        if wrong.any():
-            i, c, y, x = _first(wrong)
-            value, raw_value = released.images[i, c, y, x], raw.images[i, c, y, x]
-            if hidden[i, c, y, x]:
-                leak = " (the raw value: raw pixel leaked)" if value == raw_value else ""
-                problem = f"hidden pixel holds {value}, not the declared {release.fill} fill{leak}"
-            else:
-                problem = f"visible pixel holds {value}, the raw image has {raw_value}"
-            raise DesensitizeError(f"{where} image {i}, channel {c}, pixel (row {y}, col {x}): {problem}")
+        _check_fill(release, split, released, raw, hidden)
         summary["splits"][split] = {
             "images": n,
             "hidden_pixels": int(hidden[:, 0].sum()),
-            "hidden_ratio_pixels": float(hidden[:, 0].mean()),
+            "hidden_ratio_pixels": hidden_ratio_pixels,
         }
     return summary
