@@ -143,3 +143,20 @@ def test_a_card_longer_than_the_description_field_is_cut_with_a_pointer():
     assert card.startswith(kept + "\n") and kept.endswith("|")  # cut at a row's end, not inside it
     assert version_description("# short\n", "anywhere") == "# short\n"
 
+
+def test_lineage_names_a_version_tag_edited_after_registration(project):
+    paths, client = project
+    _pipeline_tail(paths, tracked_params())
+    before = lineage(f"{NAME}/1", paths)
+    assert not any("edited" in problem for problem in before["problems"]), before["problems"]
+    run_id = client.get_model_version(NAME, "1").run_id
+    assert {"model_digest", "release_digest", "accuracy"} <= set(before["model"]["tags"])
+    assert not any("model_digest" in what or "release_digest" in what for what in before["unverified"])
+
+    client.set_model_version_tag(NAME, "1", "model_digest", "0" * 32)
+    client.set_model_version_tag(NAME, "1", "accuracy", "0.99")
+    chain = lineage(f"{NAME}/1", paths)
+    assert not chain["complete"]
+    (digest,) = [p for p in chain["problems"] if p.startswith("version tag model_digest is " + "0" * 32)]
+    assert f"registration run {run_id}" in digest and "no longer matches" in digest
+    assert any(p.startswith("version tag accuracy is 0.99 but") for p in chain["problems"])
