@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -51,7 +53,7 @@ def _lock_md5(project: Path, stage: str, path: str) -> str:
 
 
 def _lineage(project: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(project)
     return CliRunner().invoke(app, ["lineage", *args])
 
@@ -76,6 +78,11 @@ def test_lineage_of_the_champion_matches_dvc_lock(project, monkeypatch):
     assert chain["mask_run"]["template"] == chain["model"]["tags"]["mask_template"] == released_with["template"]
     assert chain["mask_run"]["candidate"] == chain["model"]["tags"]["mask_candidate"] == released_with["candidate"]
     assert chain["raw"]["digest"] == _lock_md5(root, "ingest", "data/raw")
+    # Each split its own digest; every tag the chain read matched what its run logged beside it.
+    assert (
+        sorted(chain["raw"]["splits"]) == ["public", "test", "train"] and len(set(chain["raw"]["splits"].values())) == 3
+    )
+    assert chain["unverified"] == []
     assert chain["attack_run"]["gate"]["passed"] is True
     # One `desensitize repro`: every stage run is a child of the same pipeline run.
     parents = {chain[key]["parent_run_id"] for key in ("training_run", "mask_run", "attack_run")}
@@ -86,6 +93,49 @@ def test_lineage_of_the_champion_matches_dvc_lock(project, monkeypatch):
     assert text.output.rstrip().endswith("chain complete")
     # The cards are in git-tracked reports/cards/, generated from this release.
     assert release in (root / "reports" / "cards" / "data_card.md").read_text()
+
+
+def test_lineage_says_when_a_tag_no_longer_matches_what_it_describes(project, monkeypatch, tmp_path):
+    """Tags are editable in the MLflow UI; the runs' dataset inputs, artifacts and metrics are not."""
+    root = tmp_path / "project"
+    shutil.copytree(project[0], root, symlinks=True)  # the copy's store is edited, not the module's
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    version = client.get_model_version(MODEL, "1")
+    runs = client.search_runs([client.get_run(version.run_id).info.experiment_id])
+    stage = {run.data.tags.get("desensitize.stage"): run for run in runs}
+    edits = [
+        ("version", "release_digest", "version tag release_digest is {new} but registration run"),
+        ("version", "hidden_ratio", "version tag hidden_ratio is {new} but masks run"),
+        ("masks", "desensitize.input.raw.train", "masks run {run} tag desensitize.input.raw.train is {new} but"),
+        ("attack", "desensitize.input.release", "attack run {run} tag desensitize.input.release is {new} but"),
+        ("register", "desensitize.input.model.masknet", "register run {run} tag desensitize.input.model.masknet is"),
+    ]
+    for where, key, message in edits:
+        new = "0.123" if key == "hidden_ratio" else "0" * 32 + ".dir"
+        run = None if where == "version" else stage[where].info.run_id
+        old = version.tags[key] if run is None else stage[where].data.tags[key]
+        if run is None:
+            client.set_model_version_tag(MODEL, "1", key, new)
+        else:
+            client.set_tag(run, key, new)
+        try:
+            result = _lineage(root, monkeypatch, f"{MODEL}/1", "--json")
+            assert result.exit_code == 1, (key, result.output)
+            chain = json.loads(result.output)
+            assert not chain["complete"]
+            expected = message.format(new=new, run=run)
+            assert any(p.startswith(expected) and "no longer matches" in p for p in chain["problems"]), (
+                key,
+                chain["problems"],
+            )
+            text = _lineage(root, monkeypatch, f"{MODEL}/1").output
+            assert "chain INCOMPLETE: " in text and expected in text
+        finally:
+            if run is None:
+                client.set_model_version_tag(MODEL, "1", key, old)
+            else:
+                client.set_tag(run, key, old)
+    assert _lineage(root, monkeypatch, f"{MODEL}/1").output.rstrip().endswith("chain complete")
 
 
 @pytest.mark.parametrize(

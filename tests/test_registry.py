@@ -17,7 +17,7 @@ from desensitize.checkpoints import load_checkpoint, save_checkpoint
 from desensitize.lineage import lineage
 from desensitize.paths import Paths
 from desensitize.privacy import above_chance
-from desensitize.registry import register_version
+from desensitize.registry import MAX_DESCRIPTION, register_version, version_description
 from desensitize.runner import run_stage
 from desensitize.stages.baselines import train_baselines
 from desensitize.stages.masks import generate_masks
@@ -144,3 +144,55 @@ def test_a_model_at_chance_is_registered_but_never_champion(tmp_path, monkeypatc
     above = register(130)  # 0.433: p = 0.0002
     assert above["champion"] and _champion(client) == "2"
     assert client.get_model_version(NAME, "2").tags["champion_decision"] == "champion: accuracy 0.4333"
+
+
+def test_a_version_carries_its_model_card_and_its_signature(project):
+    """What the auditor sees on the version's page: the model card as its description, and the
+    model's inputs and outputs (signature, input example); the model still loads and predicts."""
+    paths, client = project
+    _pipeline_tail(paths, tracked_params())
+    version = client.get_model_version(NAME, "1")
+    card = paths.cards.joinpath("model_card.md").read_text()
+    assert card.startswith("# Model card: masknet-digits") and version.description == card
+
+    uri = f"models:/{NAME}/1"
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature is not None and info.saved_input_example_info is not None
+    (inputs,), (outputs,) = info.signature.inputs.inputs, info.signature.outputs.inputs
+    assert (inputs.type, inputs.shape) == (np.dtype("float32"), (-1, 1, 8, 8))  # digits: 1x8x8 in [0, 1]
+    assert (outputs.type, outputs.shape) == (np.dtype("float32"), (-1, 10))  # logits, ten classes
+    example = mlflow.models.Model.load(uri).load_input_example(uri)
+    assert example.dtype == np.float32 and example.shape[1:] == (1, 8, 8) and 0 <= example.min() <= example.max() <= 1
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    logits = np.asarray(pyfunc.predict(example))
+    native = mlflow.pytorch.load_model(uri)
+    np.testing.assert_array_equal(logits.argmax(axis=1), native.predict(np.rint(example * 255).astype(np.uint8)))
+
+
+def test_a_card_longer_than_the_description_field_is_cut_with_a_pointer():
+    card = "# Model card\n\n" + "".join(f"| row {k} | {'x' * 60} |\n" for k in range(200))
+    assert len(card) > MAX_DESCRIPTION
+    text = version_description(card, "the artifact `reports/cards/model_card.md` of run abc")
+    assert len(text) <= MAX_DESCRIPTION
+    assert text.endswith("the whole card is the artifact `reports/cards/model_card.md` of run abc.)*\n")
+    kept = text[: text.index("\n\n*(Card cut")]
+    assert card.startswith(kept + "\n") and kept.endswith("|")  # cut at a row's end, not inside it
+    assert version_description("# short\n", "anywhere") == "# short\n"
+
+
+def test_lineage_names_a_version_tag_edited_after_registration(project):
+    paths, client = project
+    _pipeline_tail(paths, tracked_params())
+    before = lineage(f"{NAME}/1", paths)
+    assert not any("edited" in problem for problem in before["problems"]), before["problems"]
+    run_id = client.get_model_version(NAME, "1").run_id
+    assert {"model_digest", "release_digest", "accuracy"} <= set(before["model"]["tags"])
+    assert not any("model_digest" in what or "release_digest" in what for what in before["unverified"])
+
+    client.set_model_version_tag(NAME, "1", "model_digest", "0" * 32)
+    client.set_model_version_tag(NAME, "1", "accuracy", "0.99")
+    chain = lineage(f"{NAME}/1", paths)
+    assert not chain["complete"]
+    (digest,) = [p for p in chain["problems"] if p.startswith("version tag model_digest is " + "0" * 32)]
+    assert f"registration run {run_id}" in digest and "no longer matches" in digest
+    assert any(p.startswith("version tag accuracy is 0.99 but") for p in chain["problems"])

@@ -4,6 +4,7 @@ artifact; the registered champion applies the release's mask itself."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -23,11 +24,11 @@ from desensitize.cli import app
 from desensitize.errors import DesensitizeError
 from desensitize.inference import MaskedClassifier
 from desensitize.paths import Paths
-from desensitize.pipeline import STAGES
+from desensitize.pipeline import RAW_SPLITS, STAGES
 from desensitize.release import load_released
 from desensitize.runner import run_stage
-from desensitize.splits import load_split
-from desensitize.tracking import EXPERIMENT, PARENT_ENV, params_hash, pipeline_run, tracking_uri
+from desensitize.splits import load_split, read_manifest, split_digest
+from desensitize.tracking import EXPERIMENT, PARENT_ENV, _log_items, params_hash, pipeline_run, tracking_uri
 from desensitize.versioning import dvc_md5
 
 TRACKED = ("masks", "attack", "train", "baselines", "evaluate", "register")
@@ -96,12 +97,19 @@ def test_datasets_are_logged_with_their_dvc_digest_and_source(tracked):
 
     raw, release = dvc_md5(paths.raw), dvc_md5(paths.release)
     assert raw.endswith(".dir") and release.endswith(".dir") and raw != release
+    split = {name: split_digest(paths.raw, name)[:32] for name in ("train", "test", "public")}
     assert inputs("masks") == {
-        ("raw/train", "input"): (raw, "data/raw"),
-        ("raw/test", "input"): (raw, "data/raw"),
-        ("raw/public", "input"): (raw, "data/raw"),  # the gated search trains its attackers on it
+        ("raw/train", "input"): (split["train"], "data/raw"),
+        ("raw/test", "input"): (split["test"], "data/raw"),
+        ("raw/public", "input"): (split["public"], "data/raw"),  # the gated search trains its attackers on it
         ("release", "output"): (release, "data/release"),
     }
+    # Each raw split its own digest; the DVC md5 of data/raw (the lineage link) in its source and tag.
+    assert len(set(split.values())) == 3
+    for d in runs["masks"].inputs.dataset_inputs:
+        if d.dataset.name.startswith("raw/"):
+            assert json.loads(d.dataset.source) == {"path": "data/raw", "split": d.dataset.name[4:], "dvc_md5": raw}
+            assert runs["masks"].data.tags[f"desensitize.input.raw.{d.dataset.name[4:]}"] == raw
     attack = inputs("attack")
     assert set(attack) == {
         ("raw/train", "input"),
@@ -116,6 +124,38 @@ def test_datasets_are_logged_with_their_dvc_digest_and_source(tracked):
     assert runs["train"].data.tags["desensitize.output.model.masknet"] == masknet
     assert runs["register"].data.tags["desensitize.input.model.masknet"] == masknet
     assert runs["masks"].data.tags["desensitize.input.model.reference"] == dvc_md5(paths.reference_model)
+
+
+def test_each_raw_split_is_logged_with_its_own_digest(tiny_project, tmp_path):
+    """All three splits live in one DVC output, data/raw: each still gets a dataset digest of its own
+    (the sha256 of its shards' `sha256sum` listing, first 32 characters: MLflow's digest column holds
+    36), with the DVC md5 of data/raw, which lineage links by, in its source, its tag and the run's
+    digests/input.json artifact."""
+    params, paths = tiny_project
+    uri, previous = f"sqlite:///{tmp_path / 'mlflow.db'}", mlflow.get_tracking_uri()
+    experiment = mlflow.MlflowClient(uri).create_experiment("split-digests")
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(experiment_id=experiment) as run:
+            _log_items(RAW_SPLITS, "input", paths, params)
+        recorded = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/digests/input.json")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    logged = mlflow.MlflowClient(uri).get_run(run.info.run_id)
+    raw = dvc_md5(paths.raw)
+    digests = {}
+    for d in logged.inputs.dataset_inputs:
+        split = d.dataset.name.removeprefix("raw/")
+        listing = "".join(
+            f"{hashlib.sha256((paths.raw / e['file']).read_bytes()).hexdigest()}  {e['file']}\n"
+            for e in read_manifest(paths.raw)["shards"][split]
+        )
+        assert d.dataset.digest == hashlib.sha256(listing.encode()).hexdigest()[:32]
+        assert json.loads(d.dataset.source) == {"path": "data/raw", "split": split, "dvc_md5": raw}
+        assert logged.data.tags[f"desensitize.input.raw.{split}"] == raw
+        digests[split] = d.dataset.digest
+    assert sorted(digests) == ["public", "test", "train"] and len(set(digests.values())) == 3
+    assert recorded == {item: raw for item in RAW_SPLITS}
 
 
 def _blobs(path: Path) -> list[bytes]:

@@ -15,7 +15,10 @@ from importlib.metadata import version as installed_version
 from typing import Any
 
 import mlflow
+import numpy as np
+import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from torch import nn
 
 from desensitize.storage import store_lock
@@ -26,10 +29,24 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 # packages `import desensitize.inference` loads, pinned to the versions that wrote it (captum only
 # for image-scope saliency releases, which attribute at inference).
 REQUIREMENTS = ("torch", "numpy", "pydantic", "captum", "matplotlib", "pillow", "pyyaml", "tqdm")
+# A model version's description is a String(5000) column in MLflow's SQL store (SQLite does not
+# enforce it, PostgreSQL and MySQL do).
+MAX_DESCRIPTION = 5000
 
 
 def model_name(source: str) -> str:
     return f"{MODEL}-{source}"
+
+
+def version_description(card: str, card_artifact: str, *, limit: int = MAX_DESCRIPTION) -> str:
+    """The model card as a version's description (markdown): whole when it fits in `limit`
+    characters, else cut at a line end with a note pointing at the whole card, `card_artifact`."""
+    if len(card) <= limit:
+        return card
+    note = f"\n\n*(Card cut to fit the registry's description field: the whole card is {card_artifact}.)*\n"
+    cut = card[: max(0, limit - len(note))]
+    cut = cut[: cut.rfind("\n") + 1] or cut  # at a line end, so no table row or link is left half-open
+    return cut.rstrip("\n") + note
 
 
 def _champion_accuracy(client: mlflow.MlflowClient, name: str) -> float | None:
@@ -48,21 +65,35 @@ def register_version(
     gate_passed: bool,
     chance: dict[str, Any],
     tags: dict[str, str],
+    input_example: np.ndarray | None = None,
+    description: str | None = None,
 ) -> dict[str, Any]:
     """Log `model` in the active run and register it as a new version of `name` with `tags` (plus
-    gate and accuracy); `chance` is desensitize.privacy.above_chance of its test accuracy. Returns the
-    version, whether it became champion, and why."""
+    gate and accuracy) and `description`; `chance` is desensitize.privacy.above_chance of its test
+    accuracy. Returns the version, whether it became champion, and why.
+
+    `input_example`, a few images as the pyfunc interface takes them (float32 (N, C, H, W) in
+    [0, 1]), is logged with the model, and with the model's logits on it gives the signature."""
     requirements = [f"{package}=={installed_version(package)}" for package in REQUIREMENTS]
+    signature = None
+    if input_example is not None:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(input_example)).detach().cpu().numpy()
+        signature = infer_signature(input_example, logits)
     model_info = mlflow.pytorch.log_model(
         model,
         name="model",
         serialization_format="pickle",
         pip_requirements=requirements,
+        signature=signature,
+        input_example=input_example,
         registered_model_name=name,
         await_registration_for=60,
     )
     version = str(model_info.registered_model_version)
     client = mlflow.MlflowClient()
+    if description:
+        client.update_model_version(name, version, description=description)
     for key, value in {"gate": "passed" if gate_passed else "failed", "accuracy": repr(accuracy), **tags}.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)

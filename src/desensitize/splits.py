@@ -2,10 +2,13 @@
 
 `data/raw/` holds `<split>-<k>.npz` shards (uint8 images (N, C, H, W) and int64 labels) and
 `manifest.json`, which records the sha256 of every shard; readers refuse a shard that differs.
+Each split has its own content digest (`split_digest`), which MLflow logs as that split's dataset
+digest: `cd data/raw && sha256sum train-*.npz | sha256sum` gives the same value.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import numpy as np
 from desensitize.config import SplitParams
 from desensitize.errors import DesensitizeError
 from desensitize.paths import SPLITS
-from desensitize.storage import read_shards, read_versioned_json
+from desensitize.storage import read_shards, read_versioned_json, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -55,6 +58,19 @@ def split_indices(labels: np.ndarray, fractions: SplitParams, seed: int) -> dict
 
 def read_manifest(raw_dir: Path) -> dict[str, Any]:
     return read_versioned_json(Path(raw_dir) / MANIFEST, FORMAT_VERSION)
+
+
+def split_digest(raw_dir: Path, split: str) -> str:
+    """One split's own digest: the sha256 of the `sha256sum` listing of its shards (hashed from the
+    files, in the manifest's order), so the splits of one `data/raw` can be told apart."""
+    if split not in SPLITS:
+        raise DesensitizeError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    raw_dir = Path(raw_dir)
+    listing = "".join(
+        f"{sha256_file(raw_dir / entry['file'])}  {entry['file']}\n"
+        for entry in read_manifest(raw_dir)["shards"][split]
+    )
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def load_split(raw_dir: Path, split: str) -> Split:

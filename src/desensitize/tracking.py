@@ -44,6 +44,7 @@ from desensitize.config import Params, get_dotted, load_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 from desensitize.pipeline import Stage
+from desensitize.splits import split_digest
 from desensitize.storage import flatten, sha256_file, sqlite_file, store_lock
 from desensitize.versioning import code_version, dvc_md5
 
@@ -103,10 +104,14 @@ def configure(paths: Paths, *, create: bool = True) -> str:
 
 
 class DvcOutputSource(DatasetSource):
-    """Where a logged dataset lives: a DVC output, by its path in the project (`dvc pull` it)."""
+    """Where a logged dataset lives: a DVC output, by its path in the project (`dvc pull` it). A raw
+    split also names its split and the DVC md5 of the whole `data/raw` it is part of (the lineage
+    link; the dataset's own digest is the split's)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, split: str | None = None, dvc_md5: str | None = None) -> None:
         self.path = path
+        self.split = split
+        self.dvc_md5 = dvc_md5
 
     @staticmethod
     def _get_source_type() -> str:
@@ -124,11 +129,12 @@ class DvcOutputSource(DatasetSource):
         return cls(str(raw_source))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path}
+        extra = {"split": self.split, "dvc_md5": self.dvc_md5}
+        return {"path": self.path, **{key: value for key, value in extra.items() if value is not None}}
 
     @classmethod
     def from_dict(cls, source_dict: dict[Any, Any]) -> DvcOutputSource:
-        return cls(source_dict["path"])
+        return cls(source_dict["path"], source_dict.get("split"), source_dict.get("dvc_md5"))
 
 
 def item_tag(direction: str, item: str) -> str:
@@ -161,17 +167,36 @@ def _digest(item: str, paths: Paths, params: Params) -> str:
     return hashlib.md5(digest.encode() + indices.tobytes()).hexdigest()
 
 
+# MLflow's dataset digest column holds 36 characters: a split's sha256 is logged by its first 32.
+DATASET_DIGEST_CHARS = 32
+DIGESTS_ARTIFACT = "digests/{direction}.json"
+
+
 def _log_items(items: tuple[str, ...], direction: str, paths: Paths, params: Params) -> None:
-    """Datasets go through `mlflow.log_input`; every item's digest is also a tag, for search."""
+    """Datasets go through `mlflow.log_input`; every item's digest (the DVC md5 that lineage links
+    by) is also a tag, for search, and all of them an artifact (digests/input.json, output.json),
+    which unlike a tag cannot be edited afterwards. A raw split's dataset digest is its own
+    (desensitize.splits.split_digest), the DVC md5 of `data/raw` is in its source."""
+    recorded = {}
     for item in items:
         path = _item_path(item, paths)
         if not path.exists():
             continue
         digest = _digest(item, paths, params)
         mlflow.set_tag(item_tag(direction, item), digest)
-        if not item.startswith("model/"):
-            source = DvcOutputSource(path.resolve().relative_to(paths.root.resolve()).as_posix())
-            mlflow.log_input(MetaDataset(source, name=item, digest=digest), context=direction)
+        recorded[item] = digest
+        if item.startswith("model/"):
+            continue
+        where = path.resolve().relative_to(paths.root.resolve()).as_posix()
+        kind, _, split = item.partition("/")
+        if kind == "raw":
+            source = DvcOutputSource(where, split=split, dvc_md5=digest)
+            dataset_digest = split_digest(paths.raw, split)[:DATASET_DIGEST_CHARS]
+        else:
+            source, dataset_digest = DvcOutputSource(where), digest
+        mlflow.log_input(MetaDataset(source, name=item, digest=dataset_digest), context=direction)
+    if recorded:
+        mlflow.log_dict(recorded, DIGESTS_ARTIFACT.format(direction=direction))
 
 
 def _safe_keys(tree: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import mlflow
+import numpy as np
 
 from desensitize import privacy
 from desensitize.cards import write_cards
@@ -20,12 +21,13 @@ from desensitize.config import Params
 from desensitize.errors import DesensitizeError
 from desensitize.inference import MaskedClassifier
 from desensitize.paths import Paths
-from desensitize.registry import CHALLENGER, MODEL, model_name, register_version
+from desensitize.registry import CHALLENGER, MODEL, model_name, register_version, version_description
 from desensitize.release import load_released, read_release_info
 from desensitize.storage import read_json
 from desensitize.versioning import dvc_md5
 
 log = logging.getLogger(__name__)
+EXAMPLE_IMAGES = 2
 
 
 def register(params: Params, paths: Paths) -> dict[str, Any]:
@@ -63,8 +65,20 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         "hidden_ratio": repr(info.hidden_ratio),
         "registration_run_id": run.info.run_id,
     }
+    card = paths.cards / "model_card.md"
+    where = card.resolve().relative_to(paths.root.resolve()).as_posix()
+    description = version_description(card.read_text(), f"the artifact `{where}` of run {run.info.run_id}")
+    # The input example: two released train images (masked, what the receiver has), as pyfunc takes them.
+    example = load_released(paths.release, "train").images[:EXAMPLE_IMAGES].astype(np.float32) / np.float32(255)
     result = register_version(
-        classifier, name, accuracy=accuracy, gate_passed=bool(gate["passed"]), chance=chance, tags=tags
+        classifier,
+        name,
+        accuracy=accuracy,
+        gate_passed=bool(gate["passed"]),
+        chance=chance,
+        tags=tags,
+        input_example=example,
+        description=description,
     )
     log.log(
         logging.INFO if chance["above"] else logging.WARNING,
