@@ -17,7 +17,7 @@ import mlflow
 from torch import nn
 from typer.testing import CliRunner
 
-from conftest import tracked_params
+from conftest import REPO, tracked_params
 from desensitize import registry
 from desensitize.cli import app
 from desensitize.paths import Paths
@@ -78,6 +78,8 @@ def test_a_failing_tracking_store_is_one_error_line(tmp_path, monkeypatch):
     store = tmp_path / "store.db"
     store.write_text("not an SQLite database " * 10)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    for name in ("params.yaml", "requirements.lock"):  # a project that passes the params preflight
+        (tmp_path / name).write_bytes((REPO / name).read_bytes())
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["repro"])
     assert result.exit_code == 2, result.output
