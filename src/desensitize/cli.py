@@ -65,7 +65,8 @@ def _restore_hint() -> str:
         return ""
     return (
         f" (dvc repro removed the previous outputs of stage {stage!r} before running it; "
-        f"'dvc checkout {stage}' restores them from the DVC cache)"
+        f"'dvc checkout {stage}' restores them from the DVC cache; add --force to also replace what this run "
+        "wrote, such as reports/masks/search.json)"
     )
 
 
@@ -276,7 +277,8 @@ def repro(ctx: typer.Context) -> None:
             raise DesensitizeError(
                 f"dvc repro exited with status {result.returncode}; MLflow run {run_id} marked FAILED. DVC "
                 "removes a stage's outputs before running it: 'dvc checkout' restores the outputs dvc.lock "
-                "records (the last successful run) from the DVC cache"
+                "records (the last successful run) from the DVC cache (--force also replaces what the failed "
+                "stage wrote)"
             )
     typer.echo(f"MLflow pipeline run {run_id}")
 
