@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from desensitize.config import EMBEDDED, DataParams, Params, parse_params, read_params_file
+from desensitize.config import EMBEDDED, DataParams, Params, get_dotted, parse_params, read_params_file
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 
@@ -156,10 +156,10 @@ def check_for_dvc(params_file: Path) -> Params:
 
 
 def _has(tree: Any, key: str) -> bool:
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return False
-        tree = tree[part]
+    try:
+        get_dotted(tree, key)
+    except (KeyError, TypeError):  # a missing key, or a level that is not a mapping
+        return False
     return True
 
 
