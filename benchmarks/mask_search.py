@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -56,12 +57,12 @@ def _plain_accuracy(params, paths: Paths, device) -> float:
     )
 
 
-def run_seed(params, root: Path, device) -> list[dict[str, Any]]:
+def run_seed(params, root: Path, device, strategies: list[str]) -> list[dict[str, Any]]:
     base = Paths(root / f"seed{params.seed}")
     ingest(params, base)
     train_reference(params, base, device=str(device))
     rows = []
-    for strategy in ("saliency", "random"):
+    for strategy in strategies:
         point = params.model_copy(
             update={"masks": params.masks.model_copy(update={"strategy": strategy, "template": "search"})}
         )
@@ -88,7 +89,7 @@ def run_seed(params, root: Path, device) -> list[dict[str, Any]]:
             spearman=record["screen_agreement"]["spearman"],
             screen_passed_full_failed=record["screen_agreement"]["screen_passed_full_failed"],
             seconds=round(time.perf_counter() - start, 1),
-            gated=[(c["name"], c["screen"], c["full"]) for c in gated],
+            gated=[(c["name"], c["screen"], c["full"], c["predicted"], c["utility"]) for c in gated],
             limits=record["limits"],
         )
         rows.append(row)
@@ -111,26 +112,26 @@ def summarise(rows: list[dict[str, Any]]) -> str:
     ]
     margins = []
     for seed in seeds:
-        s, r = by[(seed, "saliency")], by[(seed, "random")]
+        s, r = by.get((seed, "saliency")), by.get((seed, "random"))
         margin = None
-        if s["plain"] is not None:
+        if s is not None and r is not None and s["plain"] is not None:
             margin = s["plain"] - (r["plain"] if r["plain"] is not None else 0.0)  # no passing random mask: 0
             margins.append(margin)
 
-        def cell(x: dict[str, Any]) -> str:
+        def cell(x: dict[str, Any] | None) -> str:
+            if x is None:
+                return "not run | -"
             return f"{x['candidate']} | {x['plain']:.4f}" if x["plain"] is not None else "none passed | -"
 
         lines.append(f"| {seed} | {cell(s)} | {cell(r)} | {'-' if margin is None else f'{margin:+.4f}'} |")
     for strategy in ("saliency", "random"):
-        values = np.array(
-            [by[(seed, strategy)]["plain"] for seed in seeds if by[(seed, strategy)]["plain"] is not None]
-        )
+        values = np.array([r["plain"] for r in rows if r["strategy"] == strategy and r["plain"] is not None])
         if len(values):
             spread = values.std(ddof=1) if len(values) > 1 else 0.0
             lines.append(f"\n{strategy}: plain {values.mean():.4f} +- {spread:.4f} over {len(values)} seeds")
     pooled = []  # every full-gate run of every search, against its screen
     for row in rows:
-        for name, screen, full in row["gated"]:
+        for name, screen, full, *_ in row["gated"]:
             c = Candidate(name, {}, np.zeros(1))
             c.screen, c.full = screen, full
             pooled.append(c)
@@ -165,9 +166,11 @@ def main() -> None:
     parser.add_argument("--path", default=None, help="data.path (fashion-mnist: the IDX directory)")
     parser.add_argument("--split", default=None, help="train,test,public fractions (default: the params file's)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--strategies", default="saliency,random", help="masks.strategy values to search")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("reports/mask_search.csv"))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     base = yaml.safe_load(args.params.read_text()) or {}
     data = base.setdefault("data", {})
     if args.source:
@@ -181,7 +184,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mask-search-") as root:
             for seed in (int(s) for s in args.seeds.split(",")):
                 params = parse_params({**copy.deepcopy(base), "seed": seed}, origin=str(args.params))
-                rows += run_seed(params, Path(root), device)
+                rows += run_seed(params, Path(root), device, args.strategies.split(","))
                 _write(rows, args.out)  # after every seed: a long run that is stopped keeps what it finished
     except DesensitizeError as exc:
         raise SystemExit(f"error: {exc}") from None

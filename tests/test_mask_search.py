@@ -125,14 +125,32 @@ def test_when_no_candidate_passes_the_search_fails_naming_the_closest():
     assert failed.value.result.chosen is None and failed.value.result.record()["chosen"] is None
 
 
-def test_the_full_gate_budget_bounds_the_work_and_the_screen_names_the_closest_when_nothing_ran():
+def test_the_full_gate_budget_bounds_the_work():
     utility = {"c0": 0.9, "c1": 0.8, "c2": 0.7}
     screen = {name: _scores(0.0, 0.0) for name in utility}
     full = {name: _scores(0.0, 0.9) for name in utility}
     with pytest.raises(SearchFailed, match=r"3 candidates, 1 through the full gate"):
         _run(utility, screen, full, 3, max_full_gates=1)
-    with pytest.raises(SearchFailed, match=r"closest: c1 .*by the screen: psnr_gain 1.5 > 1"):
-        _run(utility, {"c0": _scores(2.0, 0.0), "c1": _scores(1.5, 0.0), "c2": _scores(9.0, 0.0)}, full, 3)
+
+
+def test_once_the_screen_passes_nothing_left_the_budget_goes_to_the_closest_first():
+    # c0 passes the screen and fails the full gate (linkage factor 3 from then on: c1's 0.1 predicts 0.3,
+    # c2's 0.06 predicts 0.18); no candidate the calibrated screen passes is left, so the rest of the budget
+    # goes to the closest by the calibrated screen: c2 (predicted excess 0.2) before c1 (1.0), whatever
+    # their utility. c2 passes and is the release.
+    utility = {"c0": 0.9, "c1": 0.8, "c2": 0.7, "c3": 0.6}
+    screen = {"c0": _scores(0.0, 0.1), "c1": _scores(0.0, 0.1), "c2": _scores(0.0, 0.06), "c3": _scores(9.0, 0.5)}
+    full = {"c0": _scores(0.0, 0.3), "c1": _scores(0.0, 0.3), "c2": _scores(0.0, 0.12), "c3": _scores(0.0, 0.0)}
+    result, calls = _run(utility, screen, full, 4, max_full_gates=2)
+    assert calls["full"] == ["c0", "c2"]
+    assert result.chosen.name == "c2"
+    record = {c["name"]: c for c in result.record()["candidates"]}
+    assert record["c2"]["predicted"] == pytest.approx(_scores(0.0, 0.18))  # what the screen said when it ran
+    assert record["c0"]["predicted"] == screen["c0"] and record["c1"]["predicted"] is None
+    # The budget spent without a pass: the failure names the closest by the full gate.
+    full["c2"] = _scores(0.0, 0.2)
+    with pytest.raises(SearchFailed, match=r"2 through the full gate\); closest: c2 .*linkage_within_class 0.2 > 0.15"):
+        _run(utility, screen, full, 4, max_full_gates=2)
 
 
 def test_excess_and_agreement():

@@ -3,8 +3,10 @@
 Every candidate gets a utility score (a model trained through its mask, scored on held-out train
 images) and a privacy screen (a shortened attacker, cheap). Then, most useful first, a candidate whose
 screen passes goes to the full gate (every attacker, trained to its limit, judged at the upper end of
-each interval); the first that passes is the release. The screen only decides the order of work: a
-candidate is released only on the full gate's verdict.
+each interval); the first that passes is the release. When no candidate the screen passes is left and
+the budget of full runs is not spent, the rest of it goes to the candidates the screen puts closest to
+passing. The screen only decides the order of work: a candidate is released only on the full gate's
+verdict.
 
 The screen is calibrated against the full gate as the search goes. A stronger attacker draws more out
 of the same mask, so each gated score is modelled as its chance level plus a strength factor times
@@ -44,6 +46,7 @@ class Candidate:
     extra: dict[str, Any] = field(default_factory=dict)
     utility: float | None = None
     screen: Scores | None = None
+    predicted: Scores | None = None  # the calibrated screen when the full gate ran
     full: Scores | None = None
     passed: bool | None = None  # the full gate's verdict; None where it did not run
 
@@ -53,6 +56,7 @@ class Candidate:
             **self.settings,
             "utility": self.utility,
             "screen": self.screen,
+            "predicted": self.predicted,
             "full": self.full,
             "passed": self.passed,
         }
@@ -120,8 +124,9 @@ def search(
     base: Scores | None = None,
 ) -> SearchResult:
     """Score every candidate, then run the full gate on the most useful ones whose calibrated screen
-    passes, in order, until one passes (at most `max_full_gates` full runs). Candidates with the same
-    masks are scored once. `base`: each score's blind-guess level (default 0), see the module doc.
+    passes, in order, and once none is left, on the ones whose calibrated screen comes closest to
+    passing, until one passes (at most `max_full_gates` full runs in all). Candidates with the same
+    masks are scored and gated once. `base`: each score's blind-guess level (default 0), see the module doc.
     Raises SearchFailed naming the closest candidate when none passes."""
     if not candidates:
         raise DesensitizeError("the mask search has no candidates")
@@ -141,21 +146,24 @@ def search(
     def predicted(c: Candidate) -> Scores:
         return {s: base[s] + strength[s] * (v - base[s]) if v > base[s] else v for s, v in c.screen.items()}
 
-    order = sorted(range(len(candidates)), key=lambda i: (-candidates[i].utility, i))  # ties: the first given
-    runs, gated = 0, set()
-    chosen = None
-    for i in order:
-        c = candidates[i]
-        key = c.masks.tobytes()
-        if key in gated or excess(predicted(c), limits) > 0:
-            continue
-        if runs == max_full_gates:
-            break
+    waiting = sorted(done.values(), key=lambda c: -c.utility)  # one per mask; ties: the first given
+    runs, chosen = 0, None
+    while waiting and runs < max_full_gates:
+        margin = {id(c): excess(predicted(c), limits) for c in waiting}
+        fits = [c for c in waiting if margin[id(c)] <= 0]
+        c = fits[0] if fits else min(waiting, key=lambda c: margin[id(c)])  # min: the most useful of ties
+        waiting.remove(c)
         runs += 1
-        gated.add(key)
+        c.predicted = predicted(c)
         c.full = {s: float(v) for s, v in full(c).items() if s in limits}
         c.passed = excess(c.full, limits) <= 0
-        log.info("search candidate %s: full gate %s (%s)", c.name, "passed" if c.passed else "failed", _fmt(c.full))
+        log.info(
+            "search candidate %s (%s): full gate %s (%s)",
+            c.name,
+            "the most useful the screen passes" if fits else "none left that the screen passes: the closest",
+            "passed" if c.passed else "failed",
+            _fmt(c.full),
+        )
         if c.passed:
             chosen = c
             break
@@ -177,21 +185,19 @@ class SearchFailed(DesensitizeError):
 
 
 def closest(candidates: list[Candidate], limits: Scores) -> Candidate:
-    """The candidate nearest to passing: by the full gate where it ran, else by the screen."""
-    gated = [c for c in candidates if c.full is not None]
-    pool, key = (gated, "full") if gated else (candidates, "screen")
-    return min(pool, key=lambda c: excess(getattr(c, key), limits))
+    """The candidate the full gate put nearest to passing (the search always runs it at least once)."""
+    return min((c for c in candidates if c.full is not None), key=lambda c: excess(c.full, limits))
 
 
 def _failure(result: SearchResult) -> str:
     c = closest(result.candidates, result.limits)
-    scores, by = (c.full, "the full gate") if c.full is not None else (c.screen, "the screen")
-    missed = "; ".join(f"{s} {scores[s]:.4g} > {limit:.4g}" for s, limit in result.limits.items() if scores[s] > limit)
+    missed = "; ".join(f"{s} {c.full[s]:.4g} > {limit:.4g}" for s, limit in result.limits.items() if c.full[s] > limit)
     ran = sum(x.full is not None for x in result.candidates)
     return (
         f"no mask candidate passes the privacy gate ({len(result.candidates)} candidates, {ran} through the full "
-        f"gate); closest: {c.name} (utility {c.utility:.4f}), by {by}: {missed}. Widen masks.search (higher "
-        "hidden_ratios, other cells or templates), raise masks.search.max_full_gates, or relax attack.thresholds"
+        f"gate); closest: {c.name} (utility {c.utility:.4f}), by the full gate: {missed}. Widen masks.search "
+        "(higher hidden_ratios, other cells or templates), raise masks.search.max_full_gates, or relax "
+        "attack.thresholds"
     )
 
 
