@@ -18,6 +18,7 @@ from desensitize.privacy import (
     linkage_hits,
     psnr_per_image,
     saturation,
+    ssim_map,
     wilson_interval,
 )
 
@@ -247,3 +248,24 @@ def test_chance_is_the_majority_class_rate_and_an_accuracy_at_chance_is_not_abov
     assert not above_chance(85, np.array([0] * 80 + [1] * 20))["above"]
     with pytest.raises(DesensitizeError, match="significance"):
         above_chance(100, balanced, significance=0)
+
+
+def test_ssim_map_follows_the_definition_at_an_interior_pixel_and_is_one_for_identical_images():
+    rng = np.random.default_rng(0)
+    a = rng.random((2, 3, 16, 16)).astype(np.float32)
+    b = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1).astype(np.float32)
+    values = ssim_map(a, b)
+    assert values.shape == (2, 16, 16)
+    np.testing.assert_allclose(ssim_map(a, a), 1.0, atol=1e-6)
+
+    def by_hand(x: np.ndarray, y: np.ndarray) -> float:  # one channel's 7x7 window, population statistics
+        mx, my = x.mean(), y.mean()
+        vx, vy, cxy = x.var(), y.var(), ((x - mx) * (y - my)).mean()
+        c1, c2 = 0.01**2, 0.03**2
+        return ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+
+    window = (slice(5, 12), slice(2, 9))  # centred on pixel (8, 5)
+    expected = np.mean([by_hand(a[1, c][window].astype(float), b[1, c][window].astype(float)) for c in range(3)])
+    assert values[1, 8, 5] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(DesensitizeError, match="2x2 pixels are too small for SSIM"):
+        ssim_map(a[:, :, :2, :2], b[:, :, :2, :2])

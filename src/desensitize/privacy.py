@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from skimage.metrics import structural_similarity
 
 from desensitize.errors import DesensitizeError
 from desensitize.masks import cell_scores
@@ -52,18 +52,20 @@ def psnr_per_image(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarra
 
 
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-pixel SSIM (uniform 7x7 window, reflect padding), averaged over channels: (N, H, W)."""
-    x, y = torch.from_numpy(a).double(), torch.from_numpy(b).double()
-    pad = min(SSIM_WINDOW // 2, x.shape[-1] - 1, x.shape[-2] - 1)
-
-    def mean(t: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(F.pad(t, (pad,) * 4, mode="reflect"), 2 * pad + 1, stride=1)
-
-    mx, my = mean(x), mean(y)
-    vx, vy, cxy = mean(x * x) - mx**2, mean(y * y) - my**2, mean(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    ssim = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return ssim.mean(dim=1).numpy()
+    """Per-pixel SSIM, averaged over channels: (N, H, W). scikit-image's implementation with a uniform
+    7x7 window (the largest odd one that fits smaller images) and population statistics (Wang et al.'s
+    definition), data range 1."""
+    window = min(SSIM_WINDOW, *(side - 1 + side % 2 for side in a.shape[-2:]))
+    if window < 3:
+        raise DesensitizeError(f"images of {a.shape[-2]}x{a.shape[-1]} pixels are too small for SSIM (3x3 window)")
+    return np.stack(
+        [
+            structural_similarity(
+                x, y, win_size=window, data_range=1.0, channel_axis=0, full=True, use_sample_covariance=False
+            )[1].mean(axis=0)
+            for x, y in zip(a.astype(np.float64), b.astype(np.float64), strict=True)
+        ]
+    )
 
 
 def ssim_hidden(reconstruction: np.ndarray, raw: np.ndarray, masks: np.ndarray) -> float:
