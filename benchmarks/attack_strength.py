@@ -7,7 +7,7 @@ loss stops improving for attack.learned.patience epochs, best epoch kept), on --
 attacker's images; --extra test adds the raw test split to the attacker's images (a better-supplied
 attacker than the pipeline assumes). Every row is scored like the gate scores (same sample, blind
 reference, gallery, intervals). Prints one table, the strongest row, and whether the gate's own
-attacker (metrics/attack.json: the chosen width, converged, all public images) is within the
+attacker (reports/attack/report.json: the chosen width, converged, all public images) is within the
 interval of the strongest; writes the rows to --out (CSV). Settings not given come from --params.
 
     python benchmarks/attack_strength.py --widths 16,32,64 --epochs 20,100,300 --shares 0.25,0.5,1
@@ -127,7 +127,7 @@ def main() -> None:
         print(_line(row))
     strongest = max(rows, key=lambda r: (r["psnr_gain"], r["linkage_within_class"]))
     print(f"\nstrongest: {_line(strongest)}")
-    attack_json = paths.attack_metrics
+    attack_json = paths.report("attack")
     if attack_json.is_file():
         gate = json.loads(attack_json.read_text())["attackers"].get("learned")
         if gate:
@@ -135,7 +135,7 @@ def main() -> None:
                 gate["linkage_within_class_interval"][1] >= strongest["linkage_within_class"]
             )
             print(
-                f"gate's attacker (metrics/attack.json): PSNR gain {gate['psnr_gain']:+.2f} "
+                f"gate's attacker (reports/attack/report.json): PSNR gain {gate['psnr_gain']:+.2f} "
                 f"(high {gate['psnr_gain_interval'][1]:+.2f}), linkage within class {gate['linkage_within_class']:.3f} "
                 f"(high {gate['linkage_within_class_interval'][1]:.3f}): "
                 + ("within the interval of the strongest row" if within else "BEATEN beyond its interval")

@@ -230,7 +230,8 @@ def test_failed_gate_stops_the_stage_with_the_broken_threshold_named(tiny_projec
         match=r"privacy gate FAILED: .*linkage_within_class .* > .*x within-class chance.*release blocked",
     ):
         run_attack(params, paths, device="cpu")
-    metrics = json.loads(paths.attack_metrics.read_text())  # the failure is recorded, not silent
+    metrics = json.loads(paths.report("attack").read_text())  # the failure is recorded, not silent
+    assert json.loads(paths.attack_metrics.read_text())["gate_passed"] is False  # and in the headline
     assert metrics["gate"]["passed"] is False and metrics["gate"]["overridden"] is False
     assert metrics["gate"]["violations"]
     assert set(metrics["attackers"]) == {"telea", "navier_stokes", "biharmonic", "learned"}
@@ -243,8 +244,9 @@ def test_failed_gate_stops_the_stage_with_the_broken_threshold_named(tiny_projec
     assert cells.shape == (4, 4)  # 8x8 digits, 2-pixel cells
 
     # Figures of an earlier release are not shown as this one's.
-    paths.evaluate_metrics.write_text(json.dumps({"accuracy": {"masknet": 0.9}}))
-    os.utime(paths.evaluate_metrics, (0, 0))
+    paths.report("evaluate").parent.mkdir(parents=True, exist_ok=True)
+    paths.report("evaluate").write_text(json.dumps({"accuracy": {"masknet": 0.9}}))
+    os.utime(paths.report("evaluate"), (0, 0))
     monkeypatch.chdir(paths.root)
     summary = CliRunner().invoke(app, ["summary"])
     assert summary.exit_code == 0 and "privacy gate FAILED" in summary.output
@@ -341,12 +343,13 @@ def test_the_attack_cache_keys_on_every_input(tmp_path):
 
 
 def test_a_rerun_of_the_attack_stage_writes_the_same_metrics_and_keeps_timings_for_mlflow(tiny_project, tmp_path):
-    """metrics/attack.json is a dependency of `register`: a wall time in it would register a duplicate version."""
+    """Its report is a dependency of `register`: a wall time in it would register a duplicate version."""
     params, paths = _project(tiny_project, tmp_path, enforce=False)
     first = run_attack(params, paths, device="cpu")
-    digest = sha256_file(paths.attack_metrics)
+    files = (paths.attack_metrics, paths.report("attack"))
+    digests = [sha256_file(p) for p in files]
     shutil.rmtree(paths.attack_cache)  # attacked afresh, the attackers take other wall times
     run_attack(params, paths, device="cpu")
-    assert sha256_file(paths.attack_metrics) == digest
-    assert "seconds" not in paths.attack_metrics.read_text()
+    assert [sha256_file(p) for p in files] == digests
+    assert "seconds" not in paths.report("attack").read_text()
     assert first["attackers"]["learned"]["seconds"] > 0  # returned to the MLflow run only

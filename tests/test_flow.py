@@ -54,7 +54,7 @@ def test_flow_runs_every_stage_once_then_nothing(flow_project):
     assert first.is_completed(), first.message
     assert first.result()["executed"] == list(STAGES)
     assert first.result()["pushed"] > 0
-    assert json.loads((project / "metrics" / "attack.json").read_text())["gate"]["passed"]
+    assert json.loads((project / "metrics" / "attack.json").read_text())["gate_passed"]
 
     # Same params again: DVC finds every stage up to date, so no stage runs and no output is rewritten.
     assert second.is_completed(), second.message
@@ -81,7 +81,7 @@ def test_flow_run_is_named_and_reports_metrics_and_verdict(flow_project):
     assert run.name.startswith("project 20")  # the project directory and the start time
     report = _report(first)
     assert "privacy gate passed" in report
-    assert "| reference.json | test_accuracy |" in report
+    assert "| reference.json | accuracy |" in report and "| attack.json | gate_passed | True |" in report
     assert "**Stages run:** ingest, reference, masks, attack, train, baselines, evaluate" in report
 
 

@@ -79,7 +79,7 @@ def test_repro_runs_each_stage_once_and_only_what_changed(project: Path):
 
     _set(project, "masks", "fill", "mean")
     assert _ran(_repro(project)) == ["masks", "attack", "train", "baselines", "evaluate", "register"]
-    assert json.loads((project / "metrics" / "masks.json").read_text())["fill"] == "mean"
+    assert json.loads((project / "reports" / "masks" / "report.json").read_text())["fill"] == "mean"
 
     _set(project, "reference", "epochs", 1)
     assert _ran(_repro(project)) == ["reference", "masks", "attack", "train", "baselines", "evaluate", "register"]

@@ -229,7 +229,8 @@ def test_summary_says_when_the_search_released_nothing(tmp_path: Path, monkeypat
     paths.masks_reports.mkdir(parents=True)
     (paths.masks_reports / "search.json").write_text(json.dumps({"chosen": None, "candidates": []}))
     paths.metrics.mkdir()
-    (paths.attack_metrics).write_text("{}")  # an earlier run's: must not be shown as this one's
+    paths.report("attack").parent.mkdir(parents=True)
+    paths.report("attack").write_text("{}")  # an earlier run's: must not be shown as this one's
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["summary"])
     assert result.exit_code == 0
@@ -328,6 +329,7 @@ def test_a_rerun_of_the_masks_stage_writes_byte_identical_outputs(tiny_project, 
 
     def outputs() -> dict[str, str]:
         files = [*paths.release.rglob("*"), *paths.masks_reports.rglob("*"), paths.masks_metrics]
+        assert paths.report("masks") in files
         return {p.relative_to(paths.root).as_posix(): sha256_file(p) for p in files if p.is_file()}
 
     generate_masks(params, paths, device="cpu")
@@ -336,4 +338,4 @@ def test_a_rerun_of_the_masks_stage_writes_byte_identical_outputs(tiny_project, 
     metrics = generate_masks(params, paths, device="cpu")
     assert outputs() == first
     assert metrics["attribution_images_per_second"] > 0  # returned to the MLflow run, kept out of the file
-    assert "attribution_images_per_second" not in json.loads(paths.masks_metrics.read_text())
+    assert "attribution_images_per_second" not in json.loads(paths.report("masks").read_text())

@@ -26,9 +26,19 @@ from desensitize.inference import MaskedClassifier
 from desensitize.paths import Paths
 from desensitize.pipeline import RAW_SPLITS, STAGES
 from desensitize.release import load_released
+from desensitize.results import headline
 from desensitize.runner import run_stage
 from desensitize.splits import load_split, read_manifest, split_digest
-from desensitize.tracking import EXPERIMENT, PARENT_ENV, _log_items, params_hash, pipeline_run, tracking_uri
+from desensitize.storage import flatten
+from desensitize.tracking import (
+    _UNSAFE_KEY,
+    EXPERIMENT,
+    PARENT_ENV,
+    _log_items,
+    params_hash,
+    pipeline_run,
+    tracking_uri,
+)
 from desensitize.versioning import dvc_md5
 
 TRACKED = ("masks", "attack", "train", "baselines", "evaluate", "register")
@@ -78,7 +88,7 @@ def test_each_stage_is_a_tracked_child_of_the_pipeline_run(tracked):
     assert runs["masks"].data.params["masks.hidden_ratio"] == "0.5"
     assert runs["masks"].data.params["masks.attribution.method"] == "saliency"
     assert "masks.hidden_ratio" not in runs["train"].data.params
-    evaluation = json.loads(paths.evaluate_metrics.read_text())
+    evaluation = json.loads(paths.report("evaluate").read_text())
     assert runs["evaluate"].data.metrics["accuracy.masknet"] == pytest.approx(evaluation["accuracy"]["masknet"])
     assert runs["attack"].data.metrics["gate.passed"] == 1.0
     assert runs["register"].data.metrics["version"] == 1.0
@@ -288,3 +298,32 @@ def test_default_store_is_in_the_project_and_lineage_needs_one(tmp_path, monkeyp
     assert result.exit_code == 2
     assert result.output.startswith("error: no MLflow tracking store at") and result.output.count("\n") == 1
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # a reader creates nothing
+
+
+@pytest.mark.slow
+def test_metrics_files_hold_the_headline_and_the_reports_every_figure_the_runs_logged(tracked):
+    """`dvc metrics show` prints the metrics files: a few headline figures. Nothing else is lost: every
+    figure a stage's MLflow run logged (all of what the metrics files used to hold), its wall times
+    aside, is in the stage's report, which is also where the headline comes from."""
+    _, paths, parent, client = tracked
+    runs = _stage_runs(client, parent)
+    figures = 0
+    for stage in ("reference", "masks", "attack", "evaluate"):
+        report = json.loads(paths.report(stage).read_text())
+        metrics = json.loads((paths.metrics / f"{stage}.json").read_text())
+        assert metrics == headline(stage, report)
+        flat = flatten(metrics)
+        assert all(isinstance(value, int | float | str | bool) for value in flat.values()), flat
+        figures += len(flat)
+        if stage in runs:  # the reference stage ran before the tracked part of this fixture
+            in_report = {_UNSAFE_KEY.sub("_", key): value for key, value in flatten(report).items()}
+            logged = {k: v for k, v in runs[stage].data.metrics.items() if "second" not in k}
+            assert len(logged) > len(flat)
+            for key, value in logged.items():
+                assert in_report[key] == pytest.approx(value), key
+    assert figures <= 20
+    attack = json.loads(paths.attack_metrics.read_text())
+    assert (
+        attack["linkage"]["limit"]
+        == json.loads(paths.report("attack").read_text())["gate"]["limits"]["linkage_within_class"]
+    )

@@ -56,12 +56,12 @@ def test_accuracy_report_by_hand():
 
 
 def test_a_rerun_of_the_reference_stage_writes_byte_identical_outputs(tiny_project, tmp_path: Path):
-    """Its outputs are DVC outs: a wall time in metrics/reference.json would change dvc.lock on every rerun."""
+    """Its outputs are DVC outs: a wall time in its report would change dvc.lock on every rerun."""
     paths = copy_project(tiny_project, tmp_path / "project")
-    outputs = (paths.reference_model, paths.reference_history, paths.reference_metrics)
+    outputs = (paths.reference_model, paths.reference_history, paths.reference_metrics, paths.report("reference"))
     first = train_reference(tiny_params(), paths, device="cpu")
     digests = [sha256_file(p) for p in outputs]
     second = train_reference(tiny_params(), paths, device="cpu")
     assert [sha256_file(p) for p in outputs] == digests
     assert first["wall_seconds"] > 0 and second["wall_seconds"] > 0  # returned to the MLflow run only
-    assert "wall_seconds" not in json.loads(paths.reference_metrics.read_text())
+    assert "wall_seconds" not in json.loads(paths.report("reference").read_text())

@@ -13,7 +13,8 @@ from typing import Any
 from desensitize.config import Params
 from desensitize.paths import Paths
 from desensitize.release import ReleaseInfo, read_release_info
-from desensitize.storage import atomic_path, read_json
+from desensitize.results import read_report
+from desensitize.storage import atomic_path
 
 
 def _gate_lines(attack: dict[str, Any], params: Params) -> list[str]:
@@ -75,15 +76,15 @@ def _mask_line(info: ReleaseInfo) -> str:
 
 
 def accuracy_with_interval(evaluation: dict[str, Any], name: str) -> str:
-    """A model's test accuracy from metrics/evaluate.json with its 95% interval over the test images."""
+    """A model's test accuracy from the evaluate report with its 95% interval over the test images."""
     lo, hi = evaluation["accuracy_interval"][name]
     return f"{evaluation['accuracy'][name]:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
 def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest: str) -> None:
     info = read_release_info(paths.release)
-    attack = read_json(paths.attack_metrics)
-    evaluation = read_json(paths.evaluate_metrics)
+    attack = read_report(paths, "attack")
+    evaluation = read_report(paths, "evaluate")
     acc = evaluation["accuracy"]
     train = params.train
     source = params.data.source

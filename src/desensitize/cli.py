@@ -111,7 +111,7 @@ def ingest(params: ParamsOption = Path("params.yaml")) -> None:
 @_user_errors
 def reference(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """Train the owner's reference classifier on raw train images, test it on raw test images;
-    writes models/reference.npz and metrics/reference.json."""
+    writes models/reference.npz, metrics/reference.json and reports/reference/."""
     run_stage("reference", load_params(params), Paths(), device)
 
 
@@ -127,7 +127,7 @@ def check_params(params: ParamsOption = Path("params.yaml")) -> None:
 @_user_errors
 def masks(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """Attribute every train image with the reference model (captum), build the mask, and write the
-    verified release bundle to data/release/, metrics/masks.json and figures in reports/masks/."""
+    verified release bundle to data/release/, metrics/masks.json and reports/masks/."""
     run_stage("masks", load_params(params), Paths(), device)
 
 
@@ -153,32 +153,32 @@ def verify_release(
 @_user_errors
 def attack(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "auto") -> None:
     """The privacy gate: inpainting attackers (OpenCV, scikit-image, a U-Net trained on the public
-    split) try to restore the release's hidden pixels; writes metrics/attack.json and
-    reports/attack/. Exits 2 when an attacker breaks a threshold (unless attack.enforce is false)."""
+    split) try to restore the release's hidden pixels; writes metrics/attack.json (headline) and
+    reports/attack/ (everything). Exits 2 when an attacker breaks a threshold (unless attack.enforce is false)."""
     run_stage("attack", load_params(params), Paths(), device)
 
 
 @app.command()
 @_user_errors
 def summary() -> None:
-    """Print the headline figures of the last pipeline run (from metrics/*.json)."""
+    """Print the headline figures of the last pipeline run (from the stages' reports/*/report.json)."""
     from desensitize.storage import read_json
 
     paths = Paths()
     lines = []
-    if paths.reference_metrics.is_file():
-        ref = read_json(paths.reference_metrics)
+    if paths.report("reference").is_file():
+        ref = read_json(paths.report("reference"))
         lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f}")
     search = paths.masks_reports / "search.json"
-    if search.is_file() and not paths.masks_metrics.is_file() and read_json(search).get("chosen", "") is None:
+    if search.is_file() and not paths.report("masks").is_file() and read_json(search).get("chosen", "") is None:
         lines.append(
             "masks      no release: no mask candidate passes the privacy gate (the closest and every "
             "candidate's scores: reports/masks/search.json); nothing was attacked, trained or registered"
         )
         typer.echo("\n".join(lines))
         return
-    if paths.masks_metrics.is_file():
-        m = read_json(paths.masks_metrics)
+    if paths.report("masks").is_file():
+        m = read_json(paths.report("masks"))
         lines.append(
             f"masks      {m['strategy']}/{m['method'] or '-'}, {m['scope']} scope"
             + (f" ({m['template']} template)" if m.get("template") else "")
@@ -187,8 +187,8 @@ def summary() -> None:
             f"cells hidden; reference accuracy on masked test {m['reference_accuracy_on_masked_test']:.4f} "
             f"(random mask {m['reference_accuracy_on_random_masked_test']:.4f})"
         )
-    if paths.attack_metrics.is_file():
-        a = read_json(paths.attack_metrics)
+    if paths.report("attack").is_file():
+        a = read_json(paths.report("attack"))
         best = a["attackers"][a["best_attacker"]]
         gain, within = best["psnr_gain_interval"], best["linkage_within_class_interval"]
         lines.append(
@@ -199,15 +199,15 @@ def summary() -> None:
             f"{best['judged']['linkage_within_class']:.3f}; hidden information {a['hidden_information']:.3f}"
         )
         lines.append(f"gate       {a['gate']['message']}")
-    blocked = paths.attack_metrics.is_file() and _blocked_since(paths)
+    blocked = paths.report("attack").is_file() and _blocked_since(paths)
     if blocked:
         lines.append(
             "evaluate   not run: the privacy gate blocked this release (nothing was trained or registered on it)"
         )
-    elif paths.evaluate_metrics.is_file():
+    elif paths.report("evaluate").is_file():
         from desensitize.cards import accuracy_with_interval
 
-        e = read_json(paths.evaluate_metrics)
+        e = read_json(paths.report("evaluate"))
         acc = ", ".join(f"{name} {accuracy_with_interval(e, name)}" for name in e["accuracy"])
         lines.append(
             f"evaluate   test accuracy [95% interval]: {acc}; masknet over plain {e['masknet_over_plain']:+.4f}, "
@@ -217,15 +217,14 @@ def summary() -> None:
 
 
 def _blocked_since(paths: Paths) -> bool:
-    """The last attack run blocked its release, and metrics/evaluate.json (if any) is older: its figures
+    """The last attack run blocked its release, and the evaluate report (if any) is older: its figures
     belong to an earlier release."""
     from desensitize.storage import read_json
 
-    gate = read_json(paths.attack_metrics)["gate"]
+    attack, evaluation = paths.report("attack"), paths.report("evaluate")
+    gate = read_json(attack)["gate"]
     blocked = not gate["passed"] and not gate["overridden"]
-    evaluated = paths.evaluate_metrics.is_file() and (
-        paths.evaluate_metrics.stat().st_mtime >= paths.attack_metrics.stat().st_mtime
-    )
+    evaluated = evaluation.is_file() and evaluation.stat().st_mtime >= attack.stat().st_mtime
     return blocked and not evaluated
 
 

@@ -90,6 +90,15 @@ def _load_dict(uri: str) -> dict[str, Any] | None:
         return None
 
 
+def _stage_report(run_id: str, stage: str) -> dict[str, Any]:
+    """A stage run's whole record: the artifact reports/<stage>/report.json, or for a run tracked before
+    the metrics files were cut to headline figures, metrics/<stage>.json, which held all of it."""
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/reports/{stage}/report.json")
+    except (MlflowException, OSError):
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/metrics/{stage}.json")
+
+
 def _record(run: Run) -> dict[tuple[str, str], str]:
     """The digests a run logged where no one can edit them: its dataset inputs (a raw split's DVC md5
     is in its source) and its digests/*.json artifacts, by (direction, item)."""
@@ -186,17 +195,17 @@ def lineage(ref: str, paths: Paths) -> dict[str, Any]:
     released: dict[str, Any] = {}  # what the masks run released (the search may pick template, cell and ratio)
     if masks:
         try:
-            released = mlflow.artifacts.load_dict(f"runs:/{masks.info.run_id}/metrics/masks.json")
+            released = _stage_report(masks.info.run_id, "masks")
         except (MlflowException, OSError) as exc:
-            problems.append(f"masks run {masks.info.run_id}: no readable metrics/masks.json ({exc})")
+            problems.append(f"masks run {masks.info.run_id}: no readable reports/masks/report.json ({exc})")
 
     gate = None
     if attack:
         try:
-            report = mlflow.artifacts.load_dict(f"runs:/{attack.info.run_id}/metrics/attack.json")["gate"]
+            report = _stage_report(attack.info.run_id, "attack")["gate"]
             gate = {"passed": bool(report["passed"]), "enforced": report["enforced"], "message": report["message"]}
         except (MlflowException, OSError, KeyError) as exc:
-            problems.append(f"attack run {attack.info.run_id}: no readable metrics/attack.json ({exc})")
+            problems.append(f"attack run {attack.info.run_id}: no readable reports/attack/report.json ({exc})")
 
     for what, value in (
         ("registration run's masknet digest", model_digest),

@@ -26,6 +26,10 @@ class Paths:
     def metrics(self) -> Path:
         return self.root / "metrics"
 
+    def report(self, stage: str) -> Path:
+        """A stage's whole record (desensitize.results); metrics/<stage>.json holds its headline figures."""
+        return self.root / "reports" / stage / "report.json"
+
     @property
     def reference_metrics(self) -> Path:
         return self.metrics / "reference.json"

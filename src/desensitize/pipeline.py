@@ -63,7 +63,7 @@ STAGES: dict[str, Stage] = {
             params=("seed", "reference"),
             reads=("raw/train", "raw/test"),
             writes=("model/reference",),
-            artifacts=lambda p: (p.reference_metrics, p.reference_history),
+            artifacts=lambda p: (p.reference_metrics, p.report("reference"), p.reference_history),
         ),
         Stage(
             "masks",
@@ -73,6 +73,7 @@ STAGES: dict[str, Stage] = {
             writes=("release",),
             artifacts=lambda p: (
                 p.masks_metrics,
+                p.report("masks"),
                 p.release / "release.json",
                 p.masks_reports / "template.png",
                 p.masks_reports / "mask.png",
@@ -86,6 +87,7 @@ STAGES: dict[str, Stage] = {
             reads=("raw/train", "raw/public", "release", "attack-sample", "model/reference"),
             artifacts=lambda p: (
                 p.attack_metrics,
+                p.report("attack"),
                 p.attack_reports / "summary.md",
                 p.attack_reports / "cell_restoration.png",
                 p.attack_reports / "scaling.png",
@@ -113,6 +115,7 @@ STAGES: dict[str, Stage] = {
             reads=("raw/test", "release", "model/raw", "model/plain_random", "model/plain", "model/masknet"),
             artifacts=lambda p: (
                 p.evaluate_metrics,
+                p.report("evaluate"),
                 p.evaluate_reports / "summary.md",
                 *sorted(p.evaluate_reports.glob("confusion_*.png")),
             ),

@@ -13,8 +13,8 @@ from desensitize.storage import flatten, read_json
 METRICS_FILES = ("reference", "masks", "attack", "evaluate")
 
 
-def _format(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:.4g}"
+def _format(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def run_report(
@@ -32,7 +32,7 @@ def run_report(
     lines.append(f"**Stages run:** {', '.join(executed) or 'none (everything up to date)'}")
     if skipped:
         lines.append(f"**Up to date (skipped):** {', '.join(skipped)}")
-    attack = paths.attack_metrics
+    attack = paths.report("attack")
     gate = read_json(attack).get("gate", {}) if attack.is_file() else {}
     verdict = gate.get("message", "no attack metrics yet")
     lines += ["", f"**Privacy gate:** {'PASSED' if gate.get('passed') else 'FAILED' if gate else 'unknown'}: {verdict}"]
@@ -49,8 +49,6 @@ def run_report(
         if not path.is_file():
             lines.append(f"| {name}.json | (not written yet) | |")
             continue
-        for key, value in sorted(flatten(read_json(path)).items()):
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                continue  # lists and text are left to the full report
+        for key, value in flatten(read_json(path)).items():  # the headline figures (desensitize.results)
             lines.append(f"| {name}.json | {key} | {_format(value)} |")
     return "\n".join(lines) + "\n"

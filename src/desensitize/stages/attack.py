@@ -31,15 +31,16 @@ from desensitize.inpainting import public_data
 from desensitize.paths import Paths
 from desensitize.release import load_released, read_release_info
 from desensitize.reports import heatmap, image_grid, scaling_curves
+from desensitize.results import write_results
 from desensitize.splits import load_split
-from desensitize.storage import atomic_path, write_json
+from desensitize.storage import atomic_path
 from desensitize.training import best_device, predict, to_float
 
 log = logging.getLogger(__name__)
 
 
 def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
-    """Run the stage; returns the metrics written to `metrics/attack.json` with each attacker's wall
+    """Run the stage; returns the report (desensitize.results) with each attacker's wall
     time, which goes to the MLflow run only (raises if the gate fails while enforced, after writing
     them)."""
     cfg = params.attack
@@ -93,7 +94,7 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
         "gate": verdict,
     }
     _report(paths, metrics, release, raw.images[idx], released.images[idx], cells)
-    write_json(paths.attack_metrics, _without_timings(metrics))
+    write_results(paths, "attack", _without_timings(metrics))
     log.log(logging.INFO if reference["above"] else logging.WARNING, "%s", verdict["message"])
     if not verdict["passed"] and cfg.enforce:
         raise DesensitizeError(verdict["message"])
@@ -101,7 +102,7 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
 
 
 def _without_timings(tree: Any) -> Any:
-    """The metrics without the attackers' wall times: metrics/attack.json is a dependency of `register`,
+    """The report without the attackers' wall times: the report is a dependency of `register`,
     and a figure that differs between identical runs would rerun it and register a duplicate version."""
     if isinstance(tree, dict):
         return {key: _without_timings(value) for key, value in tree.items() if key != "seconds"}

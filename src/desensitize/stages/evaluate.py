@@ -1,9 +1,10 @@
 """The `evaluate` stage: every model of the comparison on its own masked test set.
 
 `raw` on raw test images, `plain_random` on test images under the random mask, `plain` and
-`masknet` on the released (masked) test set. Writes metrics/evaluate.json (accuracy per model with
-its 95% Wilson interval over the test images, the two gains), a confusion matrix PNG per model and
-a Markdown table in reports/evaluate/.
+`masknet` on the released (masked) test set. Writes reports/evaluate/report.json (accuracy per model
+with its 95% Wilson interval over the test images, the two gains; the accuracies are also the
+headline in metrics/evaluate.json), a confusion matrix PNG per model and a Markdown table in
+reports/evaluate/.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from desensitize.paths import MODELS, Paths
 from desensitize.privacy import wilson_interval
 from desensitize.release import load_released, random_release_of, read_release_info
 from desensitize.reports import confusion_matrix
+from desensitize.results import write_results
 from desensitize.splits import load_split
-from desensitize.storage import atomic_path, write_json
+from desensitize.storage import atomic_path
 from desensitize.training import accuracy_report, best_device, predict
 
 
 def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
-    """Run the stage; returns the metrics written to metrics/evaluate.json."""
+    """Run the stage; returns the report written to reports/evaluate/report.json (headline: metrics/evaluate.json)."""
     info = read_release_info(paths.release)
     released = load_released(paths.release, "test")
     raw = load_split(paths.raw, "test")
@@ -65,7 +67,7 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
         "n_test": len(raw.labels),
     }
     _table(paths, metrics)
-    write_json(paths.evaluate_metrics, metrics)
+    write_results(paths, "evaluate", metrics)
     return metrics
 
 

@@ -3,9 +3,9 @@ release bundle.
 
 Owner side. Reads raw `train`/`test` (and, for the privacy gate, `public`: what the attacker trains
 on) and the reference model; writes `data/release/` (verified before it is moved into place),
-`metrics/masks.json` and the figures in `reports/masks/`. With masks.privacy = gate the release is
-the most useful candidate that passes the full privacy gate (desensitize.mask_search); the stage
-fails naming the closest candidate when none does.
+`metrics/masks.json` (headline) and `reports/masks/` (report.json, search.json, figures). With
+masks.privacy = gate the release is the most useful candidate that passes the full privacy gate
+(desensitize.mask_search); the stage fails naming the closest candidate when none does.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from desensitize.release import (
     write_release,
 )
 from desensitize.reports import heatmap, image_grid
+from desensitize.results import write_results
 from desensitize.splits import Split, load_split
 from desensitize.storage import atomic_dir, write_json
 from desensitize.templates import held_out_utility, search_split
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 
 def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
-    """Run the stage; returns the metrics written to `metrics/masks.json` and the attribution speed
+    """Run the stage; returns the report (desensitize.results) and the attribution speed
     (for the MLflow run only: a wall-clock figure would make identical reruns differ for DVC)."""
     cfg = params.masks
     splits = {name: load_split(paths.raw, name) for name in ("train", "test")}
@@ -155,7 +156,7 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         "reference_accuracy_on_masked_test": accuracy["masked"],
         "reference_accuracy_on_random_masked_test": accuracy["random"],
     }
-    write_json(paths.masks_metrics, metrics)
+    write_results(paths, "masks", metrics)
     log.info(
         "released %s: hid %d of %d cells; reference accuracy on test: raw %.4f, masked %.4f, random mask %.4f",
         chosen.name,

@@ -11,15 +11,15 @@ from typing import Any
 
 from desensitize.config import Params
 from desensitize.paths import Paths
+from desensitize.results import write_results
 from desensitize.splits import load_split
-from desensitize.storage import write_json
 from desensitize.training import accuracy_report, best_device, fit, predict
 
 log = logging.getLogger(__name__)
 
 
 def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
-    """Run the stage; returns the metrics written to `metrics/reference.json` and the wall time (for
+    """Run the stage; returns the report (desensitize.results) and the wall time (for
     the MLflow run only: a wall-clock figure would make identical reruns differ for DVC)."""
     train = load_split(paths.raw, "train")
     test = load_split(paths.raw, "test")
@@ -49,6 +49,6 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
         "n_test": len(test.images),
         "device": torch_device.type,
     }
-    write_json(paths.reference_metrics, metrics)
+    write_results(paths, "reference", metrics)
     log.info("reference test accuracy %.4f (%.1f s)", metrics["test_accuracy"], history.wall_seconds)
     return {**metrics, "wall_seconds": round(history.wall_seconds, 2)}

@@ -23,7 +23,7 @@ from desensitize.inference import MaskedClassifier
 from desensitize.paths import Paths
 from desensitize.registry import CHALLENGER, MODEL, model_name, register_version, version_description
 from desensitize.release import load_released, read_release_info
-from desensitize.storage import read_json
+from desensitize.results import read_report
 from desensitize.versioning import dvc_md5
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,8 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
     run = mlflow.active_run()
     if run is None:
         raise DesensitizeError("the register stage logs into an MLflow run: run it through run_stage / the CLI")
-    gate = read_json(paths.attack_metrics)["gate"]
-    accuracy = float(read_json(paths.evaluate_metrics)["accuracy"][MODEL])
+    gate = read_report(paths, "attack")["gate"]
+    accuracy = float(read_report(paths, "evaluate")["accuracy"][MODEL])
     labels = load_released(paths.release, "test").labels  # the test images that accuracy was measured on
     chance = privacy.above_chance(round(accuracy * len(labels)), labels)
     info = read_release_info(paths.release)

@@ -1,0 +1,57 @@
+"""Where each stage's results go: the whole record in `reports/<stage>/report.json`, and the few
+headline scalars a person compares between experiments in `metrics/<stage>.json`.
+
+The metrics files are what `dvc metrics show`, `dvc metrics diff` and `dvc exp show` print, so they hold
+only the headline figures (HEADLINES: under 20 across all stages, short names): accuracy of each model,
+the gate's verdict, the judged scores it compared with each threshold, the candidate released. Everything
+else (per-class accuracy, every attacker's every score and interval, the data-scaling fits, the search's
+candidates) is in the report, versioned by DVC with the stage's other reports and logged to MLflow.
+Every consumer of a detail reads the report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from desensitize.paths import Paths
+from desensitize.storage import read_json, write_json
+
+GATED = ("psnr_gain", "linkage_within_class", "recognition_recovery")
+
+
+def _worst_judged(report: dict[str, Any], score: str) -> float:
+    """What the gate compared with the threshold: the highest judged value over the attackers."""
+    return max(attacker["judged"][score] for attacker in report["attackers"].values())
+
+
+HEADLINES = {
+    "reference": lambda r: {"accuracy": r["test_accuracy"]},
+    "masks": lambda r: {
+        "candidate": r["candidate"] or r["template"] or r["strategy"],
+        "hidden_ratio": r["hidden_ratio"],
+        "reference_on_masked": r["reference_accuracy_on_masked_test"],
+    },
+    "attack": lambda r: {
+        "gate_passed": r["gate"]["passed"],
+        "best_attacker": r["best_attacker"],
+        **{
+            key: {"judged": _worst_judged(r, score), "limit": r["gate"]["limits"][score]}
+            for key, score in zip(("psnr_gain", "linkage", "recovery"), GATED, strict=True)
+        },
+    },
+    "evaluate": lambda r: {"accuracy": dict(r["accuracy"])},
+}
+
+
+def headline(stage: str, report: dict[str, Any]) -> dict[str, Any]:
+    return HEADLINES[stage](report)
+
+
+def write_results(paths: Paths, stage: str, report: dict[str, Any]) -> None:
+    """The report, then the metrics file drawn from it (each written atomically)."""
+    write_json(paths.report(stage), report)
+    write_json(paths.metrics / f"{stage}.json", headline(stage, report))
+
+
+def read_report(paths: Paths, stage: str) -> dict[str, Any]:
+    return read_json(paths.report(stage))
