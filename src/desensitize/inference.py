@@ -1,10 +1,10 @@
 """Inference with a model trained on a release: one call loads it and applies the release's mask,
 so nobody can forget to mask new images the way the training images were masked.
 
-`MaskedClassifier` is a torch module (raw images in, logits out), so the model registry stores
-exactly this object: `models:/NAME@champion` applies the mask itself. It holds the weights, the
-release's masking rule (for a set-scope release the mask, for an image-scope saliency release the
-reference model) and the fill value, never an image.
+`MaskedClassifier` is a torch module (raw images in, logits out), so the model registry stores it
+(or its torch-only form, below): `models:/NAME@champion` applies the mask itself. It holds the
+weights, the release's masking rule (for a set-scope release the mask, for an image-scope saliency
+release the reference model) and the fill value, never an image.
 
 How a version is stored depends on the rule (`export_format`, the one place that decides). A
 set-scope release with a zero or mean fill masks every image with the same constants, so
