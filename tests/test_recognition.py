@@ -13,18 +13,19 @@ import torch
 from conftest import copy_project, tiny_params
 from desensitize.checkpoints import build_model
 from desensitize.config import ClassifierParams
-from desensitize.inference import MaskedClassifier
+from desensitize.inference import MaskedClassifier, SetMaskClassifier, export_format
 from desensitize.masknet import MaskNet, with_mask_channel
+from desensitize.masks import apply_mask
 from desensitize.models import build_backbone
 from desensitize.paths import Paths
 from desensitize.privacy import wilson_interval
-from desensitize.release import load_released
+from desensitize.release import MaskSettings, load_released
 from desensitize.splits import load_split
 from desensitize.stages.baselines import train_baselines
 from desensitize.stages.evaluate import evaluate
 from desensitize.stages.masks import generate_masks
 from desensitize.stages.train import train_on_release
-from desensitize.training import seed_everything, train_classifier
+from desensitize.training import seed_everything, to_float, train_classifier
 
 
 @pytest.mark.parametrize(("backbone", "shape"), [("small_cnn", (1, 28, 28)), ("resnet18", (3, 32, 32))])
@@ -42,6 +43,64 @@ def test_masknet_logits_ignore_hidden_pixels(backbone: str, shape: tuple[int, in
     changed = images.clone()
     changed[mask.expand_as(images).bool()] += 0.5
     assert not torch.allclose(a, model(torch.cat([changed, mask], 1)))
+
+
+@pytest.mark.parametrize(
+    ("backbone", "masknet"),
+    [
+        ("small_cnn", False),
+        ("small_cnn", True),
+        ("small_cnn", {"visible_pool": True, "rezero": True}),
+        ("resnet18", True),
+    ],
+)
+def test_a_set_mask_classifier_masks_as_the_release_does_and_exports(backbone: str, masknet: bool | dict):
+    """SetMaskClassifier, what a set-scope release with a constant fill is registered as, computes in
+    torch what the release and training compute with numpy, on floats off the uint8 grid and outside
+    [0, 1] too, and torch.export captures it (eval mode: batch norm's running stats, no dropout) with
+    the batch size left free."""
+    channels, size = (1, 8) if backbone == "small_cnn" else (3, 32)
+    torch.manual_seed(0)
+    model = build_model({"backbone": backbone, "in_channels": channels, "num_classes": 10, "masknet": masknet})
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):  # running stats that are not the identity
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    rng = np.random.default_rng(0)
+    mask = (rng.random((size, size)) > 0.5).astype(np.uint8)
+    fill = (17 + 40 * np.arange(channels, dtype=np.uint8)).reshape(1, channels, 1, 1)
+    classifier = SetMaskClassifier(model, mask, fill, mask_channel=bool(masknet)).eval()
+    raw = rng.integers(0, 256, (5, channels, size, size), dtype=np.uint8)
+    raw[0, :, :2] = 0
+    raw[0, :, -2:] = 255
+    masks = np.broadcast_to(mask, (5, size, size))
+    released = apply_mask(raw, masks, fill)
+    floats = raw.astype(np.float32) / 255 + rng.uniform(-0.4, 0.4, raw.shape).astype(np.float32) / 255
+    assert floats.min() < 0 and floats.max() > 1
+    with torch.no_grad():
+        expected = model(to_float(with_mask_channel(released, masks) if masknet else released))
+        torch.testing.assert_close(classifier(torch.from_numpy(floats)), expected)
+        example = (torch.from_numpy(floats[:2]),)
+        exported = torch.export.export(classifier, example, dynamic_shapes=[{0: torch.export.Dim.AUTO}]).module()
+        torch.testing.assert_close(exported(torch.from_numpy(floats)), expected)
+        torch.testing.assert_close(exported(torch.from_numpy(floats[:1])), expected[:1])
+
+
+def test_only_a_set_mask_with_a_constant_fill_is_registered_as_pt2():
+    def settings(**changes: object) -> MaskSettings:
+        return MaskSettings.model_construct(**{"strategy": "saliency", "scope": "set", "fill": "zero", **changes})
+
+    assert export_format(settings()) == ("pt2", None)
+    assert export_format(settings(strategy="random", fill="mean")) == ("pt2", None)
+    for changes, why in (
+        ({"scope": "image"}, "image-scope saliency masks run captum attribution at inference"),
+        ({"scope": "image", "strategy": "random"}, "image-scope random masks are drawn per image"),
+        ({"fill": "noise"}, "the noise fill draws fresh random values"),
+    ):
+        model_format, reason = export_format(settings(**changes))
+        assert model_format == "pickle" and reason.startswith(why), reason
+        assert reason.endswith("loading needs the desensitize package and unpickles its code")
 
 
 def test_masknet_training_lowers_the_loss_on_a_tiny_set():
@@ -135,3 +194,14 @@ def test_pipeline_models_evaluate_and_inference_masks_new_images(tiny_project, t
         restored = pickle.loads(pickle.dumps(old))
         assert restored.info == classifier.info
         np.testing.assert_array_equal(restored.predict(raw_test.images), classifier.predict(raw_test.images))
+
+        # A set-scope release: the classifier in torch alone (what the registry stores as pt2) gives its
+        # logits on raw floats, with the release's zero fill and with a mean fill; a noise fill has none.
+        floats = torch.from_numpy(raw_test.images.astype(np.float32) / 255)
+        with torch.no_grad():
+            torch.testing.assert_close(classifier.exportable()(floats), classifier(floats))
+            classifier.info = classifier.info.model_copy(update={"fill": "mean"})
+            classifier.fill_value = np.asarray([91], dtype=np.uint8)
+            torch.testing.assert_close(classifier.exportable()(floats), classifier(floats))
+        classifier.info = classifier.info.model_copy(update={"fill": "noise"})
+        assert classifier.exportable() is None

@@ -14,10 +14,12 @@ from torch import nn
 
 from conftest import FAILING_GATE, copy_project, tracked_params
 from desensitize.checkpoints import load_checkpoint, save_checkpoint
+from desensitize.inference import MaskedClassifier, export_format
 from desensitize.lineage import lineage
 from desensitize.paths import Paths
 from desensitize.privacy import above_chance
 from desensitize.registry import MAX_DESCRIPTION, register_version, version_description
+from desensitize.release import load_released
 from desensitize.runner import run_stage
 from desensitize.stages.baselines import train_baselines
 from desensitize.stages.masks import generate_masks
@@ -148,12 +150,16 @@ def test_a_model_at_chance_is_registered_but_never_champion(tmp_path, monkeypatc
 
 def test_a_version_carries_its_model_card_and_its_signature(project):
     """What the auditor sees on the version's page: the model card as its description, and the
-    model's inputs and outputs (signature, input example); the model still loads and predicts."""
+    model's inputs and outputs (signature, input example), its format and how to load it; the model
+    still loads and predicts."""
     paths, client = project
     _pipeline_tail(paths, tracked_params())
     version = client.get_model_version(NAME, "1")
     card = paths.cards.joinpath("model_card.md").read_text()
     assert card.startswith("# Model card: masknet-digits") and version.description == card
+    # A set-scope release with a zero fill: a torch.export program, and the card says how to load it.
+    assert version.tags["model_format"] == "pt2" and "model_format_reason" not in version.tags
+    assert "Format `pt2`" in card and "mlflow.pyfunc.load_model('models:/masknet-digits@champion')" in card
 
     uri = f"models:/{NAME}/1"
     info = mlflow.models.get_model_info(uri)
@@ -166,7 +172,42 @@ def test_a_version_carries_its_model_card_and_its_signature(project):
     pyfunc = mlflow.pyfunc.load_model(uri)
     logits = np.asarray(pyfunc.predict(example))
     native = mlflow.pytorch.load_model(uri)
-    np.testing.assert_array_equal(logits.argmax(axis=1), native.predict(np.rint(example * 255).astype(np.uint8)))
+    assert not isinstance(native, MaskedClassifier)  # an exported graph: no class of ours was unpickled
+    np.testing.assert_array_equal(logits, native(torch.from_numpy(example)).detach().numpy())
+    local = MaskedClassifier(paths.model("masknet"), paths.release, device="cpu")
+    np.testing.assert_array_equal(logits.argmax(axis=1), local.predict(np.rint(example * 255).astype(np.uint8)))
+
+
+def test_a_release_whose_rule_runs_numpy_at_inference_is_registered_as_a_pickle_that_says_why(project):
+    """A noise fill draws fresh numbers at inference (here put on the trained set-scope release's
+    classifier; an image-scope release is the other case): no torch.export program can match it, so
+    the version is a pickle of MaskedClassifier, tagged with why, and loads as one."""
+    paths, client = project
+    classifier = MaskedClassifier(paths.model("masknet"), paths.release, device="cpu")
+    assert export_format(classifier.info) == ("pt2", None) and classifier.exportable() is not None
+    classifier.info = classifier.info.model_copy(update={"fill": "noise"})
+    model_format, reason = export_format(classifier.info)
+    assert model_format == "pickle" and classifier.exportable() is None
+    images = load_released(paths.release, "test").images
+    configure(paths)
+    with mlflow.start_run():
+        result = register_version(
+            classifier,
+            NAME,
+            accuracy=0.9,
+            gate_passed=True,
+            chance=above_chance(90, np.arange(100) % 10),
+            tags={},
+            input_example=images[:2].astype(np.float32) / np.float32(255),
+            model_format=model_format,
+            format_reason=reason,
+        )
+    tags = client.get_model_version(NAME, str(result["version"])).tags
+    assert tags["model_format"] == "pickle" and tags["model_format_reason"] == reason
+    assert reason.startswith("the noise fill draws fresh random values with numpy at inference")
+    loaded = mlflow.pytorch.load_model(f"models:/{NAME}/{result['version']}")
+    assert isinstance(loaded, MaskedClassifier)
+    np.testing.assert_array_equal(loaded.predict(images), classifier.predict(images))
 
 
 def test_a_card_longer_than_the_description_field_is_cut_with_a_pointer():

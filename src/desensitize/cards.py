@@ -81,7 +81,38 @@ def accuracy_with_interval(evaluation: dict[str, Any], name: str) -> str:
     return f"{evaluation['accuracy'][name]:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
-def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest: str) -> None:
+def _use_lines(source: str, model_format: str, format_reason: str | None) -> list[str]:
+    """How to load the registered model, by its format (desensitize.inference.export_format)."""
+    uri = f"models:/masknet-{source}@champion"
+    if model_format == "pt2":
+        return [
+            "Format `pt2`: a `torch.export` program with the mask and fill as constants; loading it needs torch "
+            "and MLflow only and unpickles no code (with `MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false` MLflow "
+            f"checks that before loading). `mlflow.pyfunc.load_model('{uri}').predict(images)` with "
+            "float32 images (N, C, H, W) in [0, 1] (raw uint8 / 255) gives the logits, and "
+            f"`mlflow.pytorch.load_model('{uri}')` a torch module to call on `torch.from_numpy(images)`. Its "
+            "tensors are on the CPU: where CUDA is present, pass `model_config={'device': 'cpu'}` to pyfunc.",
+        ]
+    why = f" ({format_reason})" if format_reason else ""
+    return [
+        f"Format `pickle`{why}: a pickled `desensitize.inference.MaskedClassifier`. Install this project's "
+        "package first (`pip install desensitize`, with its pinned requirements); loading runs its code, so "
+        f"load only versions from a registry you trust. `mlflow.pytorch.load_model('{uri}')"
+        ".predict(raw_uint8_images)` gives class indices; the pyfunc interface takes float32 images in [0, 1] "
+        "and gives the logits.",
+    ]
+
+
+def write_cards(
+    params: Params,
+    paths: Paths,
+    *,
+    release_digest: str,
+    raw_digest: str,
+    model_format: str,
+    format_reason: str | None = None,
+) -> None:
+    """`model_format` (and, for pickle, `format_reason`): how the register stage stores the model."""
     info = read_release_info(paths.release)
     attack = read_report(paths, "attack")
     evaluation = read_report(paths, "evaluate")
@@ -99,8 +130,9 @@ def write_cards(params: Params, paths: Paths, *, release_digest: str, raw_digest
         "",
         f"Recognition of {source} images ({len(info.class_names)} classes, shape "
         f"{'x'.join(map(str, info.image_shape))}). The registered model takes raw images and applies the "
-        "release's mask itself, so it never sees what the release hides: "
-        f"`mlflow.pytorch.load_model('models:/masknet-{source}@champion').predict(raw_uint8_images)`.",
+        "release's mask itself, so it never sees what the release hides.",
+        "",
+        *_use_lines(source, model_format, format_reason),
         "",
         "## Training",
         "",

@@ -1,17 +1,24 @@
 """Inference with a model trained on a release: one call loads it and applies the release's mask,
 so nobody can forget to mask new images the way the training images were masked.
 
-`MaskedClassifier` is a torch module (raw images in, logits out), so the model registry stores
-exactly this object: `models:/NAME@champion` applies the mask itself. It holds the weights, the
-release's masking rule (for a set-scope release the mask, for an image-scope saliency release the
-reference model) and the fill value, never an image.
+`MaskedClassifier` is a torch module (raw images in, logits out), so the model registry stores it
+(or its torch-only form, below): `models:/NAME@champion` applies the mask itself. It holds the
+weights, the release's masking rule (for a set-scope release the mask, for an image-scope saliency
+release the reference model) and the fill value, never an image.
 
-Registered versions are pickles of this class: its import path and those of the modules it holds
-(desensitize.models.Backbone, desensitize.masknet.MaskNet) must stay where they are."""
+How a version is stored depends on the rule (`export_format`, the one place that decides). A
+set-scope release with a zero or mean fill masks every image with the same constants, so
+`MaskedClassifier.exportable()` gives the same computation in torch alone (`SetMaskClassifier`: mask
+and fill are buffers) and the registry stores a `torch.export` program (MLflow's `pt2` format) that
+loads with torch and MLflow, no code of ours unpickled. Any other rule runs numpy or captum at
+inference (per-image masks, fresh noise), so those versions are pickles of this class: its import
+path and those of the modules it holds (desensitize.models.Backbone, desensitize.masknet.MaskNet)
+must stay where they are."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -22,10 +29,48 @@ from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
 from desensitize.masknet import with_mask_channel
 from desensitize.masks import apply_mask, fill_values, random_masks
-from desensitize.release import ReleaseInfo, load_released, read_release_info
+from desensitize.release import MaskSettings, ReleaseInfo, load_released, read_release_info
 from desensitize.training import batch_to, best_device, predict, to_float
 
 INFERENCE_STREAM = 3
+ModelFormat = Literal["pt2", "pickle"]
+
+
+def export_format(info: MaskSettings) -> tuple[ModelFormat, str | None]:
+    """How a model trained on a release with these settings is registered: ("pt2", None) when the
+    masking rule is constant (one set-scope mask, a zero or mean fill), so torch.export captures it;
+    else ("pickle", why)."""
+    needs = "loading needs the desensitize package and unpickles its code"
+    if info.scope != "set":
+        if info.strategy == "saliency":
+            return "pickle", f"image-scope saliency masks run captum attribution at inference; {needs}"
+        return "pickle", f"image-scope {info.strategy} masks are drawn per image with numpy at inference; {needs}"
+    if info.fill not in ("zero", "mean"):
+        return "pickle", f"the {info.fill} fill draws fresh random values with numpy at inference; {needs}"
+    return "pt2", None
+
+
+class SetMaskClassifier(nn.Module):
+    """`MaskedClassifier.forward` for a set-scope release with a constant fill, in torch alone (what
+    torch.export captures; built by `MaskedClassifier.exportable`): float32 raw images (N, C, H, W)
+    in [0, 1] in, logits out. The images are rounded to the uint8 grid, hidden pixels (mask 0) set
+    to the fill, and a MaskNet gets the mask as its last channel, as the release and training did."""
+
+    def __init__(self, model: nn.Module, mask: np.ndarray, fill: np.ndarray, *, mask_channel: bool) -> None:
+        super().__init__()
+        self.model = model
+        device = next(model.parameters()).device
+        self.register_buffer("visible", torch.as_tensor(np.asarray(mask, dtype=bool), device=device)[None, None])
+        fill = torch.as_tensor(np.asarray(fill, dtype=np.float32), device=device).reshape(1, -1, 1, 1)
+        self.register_buffer("fill", fill)  # uint8 levels 0..255, per channel
+        self.mask_channel = mask_channel
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        levels = torch.round(images.clamp(0, 1) * 255)  # the uint8 grid (round half to even, as np.rint)
+        x = torch.where(self.visible, levels, self.fill) / 255
+        if self.mask_channel:  # desensitize.masknet.with_mask_channel: 0 / 255 -> 0 / 1
+            x = torch.cat([x, self.visible.to(x.dtype).expand(x.shape[0], 1, -1, -1)], 1)
+        return self.model(x)
 
 
 class MaskedClassifier(nn.Module):
@@ -66,6 +111,15 @@ class MaskedClassifier(nn.Module):
         super().__setstate__(state)
         if isinstance(self.info, dict):
             self.info = ReleaseInfo.model_validate({k: v for k, v in self.info.items() if k != "created"})
+
+    def exportable(self) -> SetMaskClassifier | None:
+        """This classifier as a module of torch alone (see `export_format`), or None when its rule
+        runs numpy or captum at inference. It shares this classifier's model, mask and fill."""
+        if export_format(self.info)[0] != "pt2":
+            return None
+        shape = (1, *self.info.image_shape)
+        fill = fill_values(self.info.fill, shape, self.fill_value, self.seed, INFERENCE_STREAM)
+        return SetMaskClassifier(self.model, self.set_mask, fill, mask_channel=bool(self.spec.get("masknet"))).eval()
 
     def masks_for(self, images: np.ndarray) -> np.ndarray:
         """The release's masking rule applied to new uint8 images (N, C, H, W): (N, H, W)."""

@@ -25,10 +25,14 @@ from desensitize.storage import store_lock
 
 MODEL = "masknet"
 CHAMPION, CHALLENGER = "champion", "challenger"
-# What unpickling the model imports besides this project's own package (`pip install -e .`): the
-# packages `import desensitize.inference` loads, pinned to the versions that wrote it (captum only
-# for image-scope saliency releases, which attribute at inference).
-REQUIREMENTS = ("torch", "numpy", "pydantic", "captum", "matplotlib", "pillow", "pyyaml", "tqdm")
+# What loading a version needs, pinned to the versions that wrote it. A `pickle` version: what
+# unpickling imports besides this project's own package (`pip install -e .`), the packages
+# `import desensitize.inference` loads (captum only for image-scope saliency releases, which attribute
+# at inference). A `pt2` version (a torch.export program): torch alone (MLflow adds itself).
+REQUIREMENTS = {
+    "pickle": ("torch", "numpy", "pydantic", "captum", "matplotlib", "pillow", "pyyaml", "tqdm"),
+    "pt2": ("torch",),
+}
 # A model version's description is a String(5000) column in MLflow's SQL store (SQLite does not
 # enforce it, PostgreSQL and MySQL do).
 MAX_DESCRIPTION = 5000
@@ -67,14 +71,22 @@ def register_version(
     tags: dict[str, str],
     input_example: np.ndarray | None = None,
     description: str | None = None,
+    model_format: str = "pickle",
+    format_reason: str | None = None,
 ) -> dict[str, Any]:
     """Log `model` in the active run and register it as a new version of `name` with `tags` (plus
     gate and accuracy) and `description`; `chance` is desensitize.privacy.above_chance of its test
     accuracy. Returns the version, whether it became champion, and why.
 
     `input_example`, a few images as the pyfunc interface takes them (float32 (N, C, H, W) in
-    [0, 1]), is logged with the model, and with the model's logits on it gives the signature."""
-    requirements = [f"{package}=={installed_version(package)}" for package in REQUIREMENTS]
+    [0, 1]), is logged with the model, and with the model's logits on it gives the signature.
+
+    `model_format`: `pickle`, or `pt2` (torch.export; needs `input_example` with more than one image,
+    so the batch size stays free); the version's tag `model_format` says which, and
+    `model_format_reason` carries `format_reason` (why not pt2) when given."""
+    if model_format not in REQUIREMENTS:
+        raise ValueError(f"model_format={model_format!r}; expected one of {', '.join(REQUIREMENTS)}")
+    requirements = [f"{package}=={installed_version(package)}" for package in REQUIREMENTS[model_format]]
     signature = None
     if input_example is not None:
         with torch.no_grad():
@@ -83,7 +95,7 @@ def register_version(
     model_info = mlflow.pytorch.log_model(
         model,
         name="model",
-        serialization_format="pickle",
+        serialization_format=model_format,
         pip_requirements=requirements,
         signature=signature,
         input_example=input_example,
@@ -94,7 +106,11 @@ def register_version(
     client = mlflow.MlflowClient()
     if description:
         client.update_model_version(name, version, description=description)
-    for key, value in {"gate": "passed" if gate_passed else "failed", "accuracy": repr(accuracy), **tags}.items():
+    version_tags = {"gate": "passed" if gate_passed else "failed", "accuracy": repr(accuracy), **tags}
+    version_tags["model_format"] = model_format
+    if format_reason:
+        version_tags["model_format_reason"] = format_reason
+    for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
 

@@ -1,6 +1,8 @@
 """The `register` stage: the MaskNet trained on the release becomes a new version of the registered
 model `masknet-<data.source>`, with the release's mask built in (desensitize.inference), and the
-release's model card and data card are written.
+release's model card and data card are written. A set-scope release with a zero or mean fill is
+registered as a torch.export program (`pt2`: loads with torch alone), any other as a pickle of
+MaskedClassifier (desensitize.inference.export_format says which and why).
 
 A gate-failed release (reachable only with attack.enforce: false), or a model whose test accuracy
 is not clearly above chance (the majority-class rate of the test split, desensitize.privacy), is
@@ -19,7 +21,7 @@ from desensitize import privacy
 from desensitize.cards import write_cards
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
-from desensitize.inference import MaskedClassifier
+from desensitize.inference import MaskedClassifier, export_format
 from desensitize.paths import Paths
 from desensitize.registry import CHALLENGER, MODEL, model_name, register_version, version_description
 from desensitize.release import load_released, read_release_info
@@ -50,7 +52,16 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         reference_path=paths.reference_model if image_saliency else None,
         masks=params.masks if image_saliency else None,
     )
-    write_cards(params, paths, release_digest=release_digest, raw_digest=dvc_md5(paths.raw))
+    model_format, format_reason = export_format(info)
+    model = classifier.exportable() if model_format == "pt2" else classifier
+    write_cards(
+        params,
+        paths,
+        release_digest=release_digest,
+        raw_digest=dvc_md5(paths.raw),
+        model_format=model_format,
+        format_reason=format_reason,
+    )
 
     name = model_name(params.data.source)
     tags = {
@@ -68,10 +79,11 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
     card = paths.cards / "model_card.md"
     where = card.resolve().relative_to(paths.root.resolve()).as_posix()
     description = version_description(card.read_text(), f"the artifact `{where}` of run {run.info.run_id}")
-    # The input example: two released train images (masked, what the receiver has), as pyfunc takes them.
+    # The input example: two released train images (masked, what the receiver has), as pyfunc takes
+    # them; two, so that a pt2 export keeps the batch size free.
     example = load_released(paths.release, "train").images[:EXAMPLE_IMAGES].astype(np.float32) / np.float32(255)
     result = register_version(
-        classifier,
+        model,
         name,
         accuracy=accuracy,
         gate_passed=bool(gate["passed"]),
@@ -79,6 +91,8 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         tags=tags,
         input_example=example,
         description=description,
+        model_format=model_format,
+        format_reason=format_reason,
     )
     log.log(
         logging.INFO if chance["above"] else logging.WARNING,
