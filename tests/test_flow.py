@@ -81,7 +81,7 @@ def test_flow_run_is_named_and_reports_metrics_and_verdict(flow_project):
     assert run.name.startswith("project 20")  # the project directory and the start time
     report = _report(first)
     assert "privacy gate passed" in report
-    assert "| reference.json | accuracy |" in report and "| attack.json | gate_passed | True |" in report
+    assert "| reference.json | reference |" in report and "| attack.json | gate_passed | True |" in report
     assert "**Stages run:** ingest, reference, masks, attack, train, baselines, evaluate" in report
 
 

@@ -12,12 +12,12 @@ from desensitize.runreport import run_report
 def _metrics(root: Path) -> Paths:
     paths = Paths(root)
     paths.metrics.mkdir()
-    paths.reference_metrics.write_text(json.dumps({"accuracy": 0.9512}))
+    paths.reference_metrics.write_text(json.dumps({"reference": 0.9512}))
     gate = {
         "passed": False,
         "message": "privacy gate FAILED: learned linkage_within_class 0.4 > 0.15 (release blocked)",
     }
-    headline = {"gate_passed": False, "best_attacker": "learned", "psnr_gain": {"judged": 5.25, "limit": 1.0}}
+    headline = {"gate_passed": False, "best_attacker": "learned", "psnr_gain": 5.25, "psnr_gain_max": 1.0}
     paths.attack_metrics.write_text(json.dumps(headline))
     paths.report("attack").parent.mkdir(parents=True)
     paths.report("attack").write_text(json.dumps({"gate": gate}))  # the verdict's message is in the report
@@ -27,9 +27,9 @@ def _metrics(root: Path) -> Paths:
 def test_report_has_metrics_verdict_and_outcome(tmp_path: Path):
     paths = _metrics(tmp_path)
     report = run_report(paths, executed=["attack"], skipped=["ingest"], error="privacy gate FAILED: learned ...")
-    assert "| reference.json | accuracy | 0.9512 |" in report
+    assert "| reference.json | reference | 0.9512 |" in report
     assert "| attack.json | gate_passed | False |" in report and "| attack.json | best_attacker | learned |" in report
-    assert "| attack.json | psnr_gain.judged | 5.25 |" in report and "| attack.json | psnr_gain.limit | 1 |" in report
+    assert "| attack.json | psnr_gain | 5.25 |" in report and "| attack.json | psnr_gain_max | 1 |" in report
     assert "| masks.json | (not written yet) | |" in report
     assert "**Privacy gate:** FAILED: privacy gate FAILED: learned linkage_within_class 0.4 > 0.15" in report
     assert "**Outcome:** FAILED" in report and "**Stages run:** attack" in report

@@ -399,6 +399,6 @@ def test_metrics_files_hold_the_headline_and_the_reports_every_figure_the_runs_l
     assert figures <= 20
     attack = json.loads(paths.attack_metrics.read_text())
     assert (
-        attack["linkage"]["limit"]
+        attack["linkage_max"]
         == json.loads(paths.report("attack").read_text())["gate"]["limits"]["linkage_within_class"]
     )
