@@ -139,7 +139,7 @@ def test_deployment_runs_on_a_process_worker_to_completed(flow_project, tmp_path
         )
         assert "attack.sample=100" in result.stdout  # the readable flow run name
         assert yaml.safe_load((project / "params.yaml").read_text())["attack"]["sample"] == 100
-        assert json.loads((project / "metrics" / "attack.json").read_text())["sample"] == 100
+        assert json.loads((project / "reports" / "attack" / "report.json").read_text())["sample"] == 100
         status = subprocess.run(
             [sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True, text=True, timeout=120
         )
