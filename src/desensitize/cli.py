@@ -162,12 +162,13 @@ def attack(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "a
 @_user_errors
 def summary() -> None:
     """Print the headline figures of the last pipeline run (from the stages' reports/*/report.json)."""
+    from desensitize.results import read_report
     from desensitize.storage import read_json
 
     paths = Paths()
     lines = []
     if paths.report("reference").is_file():
-        ref = read_json(paths.report("reference"))
+        ref = read_report(paths, "reference")
         lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f}")
     search = paths.masks_reports / "search.json"
     if search.is_file() and not paths.report("masks").is_file() and read_json(search).get("chosen", "") is None:
@@ -178,7 +179,7 @@ def summary() -> None:
         typer.echo("\n".join(lines))
         return
     if paths.report("masks").is_file():
-        m = read_json(paths.report("masks"))
+        m = read_report(paths, "masks")
         lines.append(
             f"masks      {m['strategy']}/{m['method'] or '-'}, {m['scope']} scope"
             + (f" ({m['template']} template)" if m.get("template") else "")
@@ -188,7 +189,7 @@ def summary() -> None:
             f"(random mask {m['reference_accuracy_on_random_masked_test']:.4f})"
         )
     if paths.report("attack").is_file():
-        a = read_json(paths.report("attack"))
+        a = read_report(paths, "attack")
         best = a["attackers"][a["best_attacker"]]
         gain, within = best["psnr_gain_interval"], best["linkage_within_class_interval"]
         lines.append(
@@ -207,7 +208,7 @@ def summary() -> None:
     elif paths.report("evaluate").is_file():
         from desensitize.cards import accuracy_with_interval
 
-        e = read_json(paths.report("evaluate"))
+        e = read_report(paths, "evaluate")
         acc = ", ".join(f"{name} {accuracy_with_interval(e, name)}" for name in e["accuracy"])
         lines.append(
             f"evaluate   test accuracy [95% interval]: {acc}; masknet over plain {e['masknet_over_plain']:+.4f}, "
@@ -219,10 +220,10 @@ def summary() -> None:
 def _blocked_since(paths: Paths) -> bool:
     """The last attack run blocked its release, and the evaluate report (if any) is older: its figures
     belong to an earlier release."""
-    from desensitize.storage import read_json
+    from desensitize.results import read_report
 
     attack, evaluation = paths.report("attack"), paths.report("evaluate")
-    gate = read_json(attack)["gate"]
+    gate = read_report(paths, "attack")["gate"]
     blocked = not gate["passed"] and not gate["overridden"]
     evaluated = evaluation.is_file() and evaluation.stat().st_mtime >= attack.stat().st_mtime
     return blocked and not evaluated
