@@ -24,6 +24,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def sequential_units(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Units run in the test's process (compute.scheduler: sync) unless a test asks for a cluster: a Dask
+    LocalCluster per stage would add seconds to every test; tests/test_compute.py checks that a cluster
+    gives the same results."""
+    from desensitize.compute import SCHEDULER_ENV
+
+    monkeypatch.setenv(SCHEDULER_ENV, "sync")
+
+
 def write_idx(path: Path, array: np.ndarray) -> None:
     """Write a uint8 array in IDX format (gzip when the name ends in .gz)."""
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from desensitize import inpainting, privacy
-from desensitize.config import AttackParams, GateThresholds
+from desensitize.compute import Executor
+from desensitize.config import AttackParams, ComputeParams, GateThresholds
 from desensitize.inpainting import AttackerData, TrainedAttacker
 from desensitize.storage import atomic_path
 from desensitize.training import predict, to_float
@@ -184,11 +186,13 @@ def attack_suite(
     widths: list[int] | None = None,
     epochs: int | None = None,
     scaling: bool = True,
+    ex: Executor | None = None,
 ) -> dict[str, Any]:
     """Run every configured attacker on `target`; `attacker` is what the learned attacker trains on
     (its fully known images also give the blind references). `widths` overrides the candidate widths
     and `epochs` sets a fixed budget instead of training to the held-out optimum; `scaling` runs the
-    data-scaling curve and judges the learned attacker's scores against it."""
+    data-scaling curve and judges the learned attacker's scores against it. The learned attacker's
+    fits (each width, then each data share) are units on `ex` (default: here, one after another)."""
     score = Scorer(target, attacker, cfg, num_classes=num_classes, model=model, device=device, seed=seed)
     reconstructions = dict(score.blind)
     seconds = dict.fromkeys(BLIND, 0.0)
@@ -197,7 +201,7 @@ def attack_suite(
         start = time.perf_counter()
         if name == "learned":
             out, learned_record = _learned(
-                target, attacker, fill, cfg, num_classes, device, seed, widths, epochs, score, scaling
+                target, attacker, fill, cfg, num_classes, device, seed, widths, epochs, score, scaling, ex
             )
         else:
             out = inpainting.classical(name, target.released, target.masks, cfg.inpaint_radius)
@@ -245,6 +249,7 @@ def _learned(
     epochs: int | None,
     score: Scorer,
     scaling: bool,
+    ex: Executor | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Train the learned attacker at every width, keep the one with the lowest held-out loss, and with
     `scaling` train it again on shares of its data; returns its reconstruction and the record."""
@@ -267,15 +272,21 @@ def _learned(
     def attack(trained: TrainedAttacker) -> np.ndarray:
         return inpainting.learned(trained.model, target.released, target.masks, target.labels, device)
 
-    trained = {width: fit(train, width) for width in widths or cfg.learned.widths}
+    ex = ex or Executor(ComputeParams(scheduler="sync", threads=torch.get_num_threads()))
+    gpu = device.type == "cuda"
+    tried = widths or cfg.learned.widths
+    trained = dict(zip(tried, ex.map(partial(fit, train), tried, gpu=gpu, name="attacker-width"), strict=True))
     chosen = min(trained.values(), key=lambda t: (t.held_out_mse, t.width))
     out = attack(chosen)
     record: dict[str, Any] = {"width": chosen.width, "widths": {str(w): t.record() for w, t in trained.items()}}
     if scaling and cfg.learned.data_shares:
-        points = []
-        for share in sorted(cfg.learned.data_shares):
-            part = fit(share_of(train, share, seed), chosen.width)
-            points.append({**part.record(), "scores": _curve_scores(score(attack(part)))})
+        shares = sorted(cfg.learned.data_shares)
+
+        def fit_share(share: float) -> TrainedAttacker:
+            return fit(share_of(train, share, seed), chosen.width)
+
+        parts = ex.map(fit_share, shares, gpu=gpu, name="attacker-share")
+        points = [{**part.record(), "scores": _curve_scores(score(attack(part)))} for part in parts]
         points.append({**chosen.record(), "scores": _curve_scores(score(out))})
         record["scaling"] = {"points": points}
     return out, record
@@ -323,6 +334,8 @@ def suite_digest(target: Target, attacker: AttackerData, fill: Callable, cfg: At
     for array in arrays:
         h.update(str((array.dtype, array.shape)).encode())
         h.update(np.ascontiguousarray(array).tobytes())
+    ex = kwargs.pop("ex", None)  # where the work runs does not change the result; its torch threads may
+    kwargs["threads"] = ex.cfg.threads if ex is not None else torch.get_num_threads()
     model, device = kwargs.pop("model"), kwargs.pop("device")
     for name, tensor in model.state_dict().items():
         h.update(name.encode())

@@ -346,36 +346,24 @@ def sweep(
     constraint, plus the gated searched mask per seed and scope (other settings from the params
     file). Writes results.csv, summary.md (mean +- std over seeds, accuracy at the gate's limits) and
     frontier.png to --out."""
-    from desensitize.config import parse_params
-    from desensitize.sweep import run_sweep
+    from desensitize.sweep import check_axes, run_sweep
 
     base = load_params(params)
-    grid = {
-        "scope": _split(scopes, str),
-        "hidden_ratio": _split(ratios, float),
-        "cell": _split(cells, int),
-        "strategy": _split(strategies, str),
-        "template": _split(templates, str),
+    axes = {
+        "scopes": _split(scopes, str),
+        "ratios": _split(ratios, float),
+        "cells": _split(cells, int),
+        "strategies": _split(strategies, str),
+        "templates": _split(templates, str),
     }
-    options = {"hidden_ratio": "--ratios", "strategy": "--strategies"}
-    for key, values in grid.items():  # validate every value through the params model, before any work
-        origin = options.get(key, f"--{key}s")
-        if not values:
-            raise DesensitizeError(f"{origin}: give at least one value")
-        for value in values:
-            parse_params({"masks": {key: value}}, origin=origin)
-    if "search" in grid["template"]:
-        raise DesensitizeError("--templates: search is not a fixed template; the searched point is --searched")
+    check_axes(**axes)
     run_sweep(
         base,
         out,
         seeds=_split(seeds, int),
-        scopes=grid["scope"],
-        ratios=grid["hidden_ratio"],
-        cells=grid["cell"],
-        strategies=grid["strategy"],
-        templates=grid["template"],
+        **axes,
         searched=searched,
         attack=attack,
         device=device,
+        track=Paths(params.resolve().parent),
     )

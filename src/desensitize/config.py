@@ -196,6 +196,21 @@ class AttackParams(_Section):
     enforce: bool = True  # false: record a failed gate but let the pipeline go on (an analyst's override)
 
 
+class ComputeParams(_Section):
+    """Where the independent units of work (sweep points, mask-search candidates, attacker probes) run
+    (desensitize.compute). None of it changes a result, except `threads`."""
+
+    # local: a Dask LocalCluster sized to the machine, started and stopped by the run | sync: in this
+    # process, one unit after another | tcp://host:port (or tls://): an existing Dask scheduler. The
+    # environment variable DESENSITIZE_SCHEDULER overrides it.
+    scheduler: str = Field("local", pattern=r"^(local|sync|(tcp|tls|inproc|ucx)://\S+)$")
+    workers: int | None = Field(None, ge=1, le=4096)  # local: worker processes; None: CPU cores // threads (1 per GPU)
+    # torch CPU threads each unit runs with, on any scheduler: torch splits its reductions by thread count,
+    # so the same unit gives the same bits only with the same threads.
+    threads: int = Field(1, ge=1, le=1024)
+    retries: int = Field(2, ge=0, le=100)  # local: times a unit whose worker died is run again
+
+
 class Params(_Section):
     seed: int = Field(0, ge=0, le=2**32 - 1)
     data: DataParams = DataParams()
@@ -203,6 +218,7 @@ class Params(_Section):
     masks: MaskParams = MaskParams()
     attack: AttackParams = AttackParams()
     train: ClassifierParams = ClassifierParams()
+    compute: ComputeParams = ComputeParams()
 
 
 def _describe(error: dict[str, Any]) -> str:

@@ -122,24 +122,31 @@ def search(
     limits: Scores,
     max_full_gates: int,
     base: Scores | None = None,
+    map_units: Callable[[Callable[[Candidate], Any], list[Candidate]], list[Any]] | None = None,
 ) -> SearchResult:
     """Score every candidate, then run the full gate on the most useful ones whose calibrated screen
     passes, in order, and once none is left, on the ones whose calibrated screen comes closest to
     passing, until one passes (at most `max_full_gates` full runs in all). Candidates with the same
     masks are scored and gated once. `base`: each score's blind-guess level (default 0), see the module doc.
+    `map_units(fn, candidates)`: how the candidates' scores are computed (desensitize.compute's
+    Executor.map spreads them over a cluster; default one after another, here).
     Raises SearchFailed naming the closest candidate when none passes."""
     if not candidates:
         raise DesensitizeError("the mask search has no candidates")
     done: dict[bytes, Candidate] = {}
     for c in candidates:
-        key = c.masks.tobytes()
-        if key in done:
-            c.utility, c.screen = done[key].utility, done[key].screen
-            continue
-        c.utility = float(utility(c))
-        c.screen = {s: float(v) for s, v in screen(c).items() if s in limits}
-        done[key] = c
+        done.setdefault(c.masks.tobytes(), c)
+
+    def scores(c: Candidate) -> tuple[float, Scores]:
+        return float(utility(c)), {s: float(v) for s, v in screen(c).items() if s in limits}
+
+    unique = list(done.values())
+    for c, (u, screened) in zip(unique, (map_units or _in_order)(scores, unique), strict=True):
+        c.utility, c.screen = u, screened
         log.info("search candidate %s: utility %.4f, screen %s", c.name, c.utility, _fmt(c.screen))
+    for c in candidates:  # a candidate with the same masks as an earlier one shares its scores
+        first = done[c.masks.tobytes()]
+        c.utility, c.screen = first.utility, first.screen
     base = {s: (base or {}).get(s, 0.0) for s in limits}
     strength = dict.fromkeys(limits, 1.0)
 
@@ -174,6 +181,10 @@ def search(
     if chosen is None:
         raise SearchFailed(result)
     return result
+
+
+def _in_order(fn: Callable[[Candidate], Any], candidates: list[Candidate]) -> list[Any]:
+    return [fn(c) for c in candidates]
 
 
 class SearchFailed(DesensitizeError):

@@ -21,19 +21,22 @@ gate's limits).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from desensitize.config import Params
+from desensitize.compute import Units, executor
+from desensitize.config import Params, parse_params
 from desensitize.errors import DesensitizeError
 from desensitize.paths import MODELS as ACCURACY
 from desensitize.paths import Paths
@@ -45,6 +48,8 @@ from desensitize.stages.masks import generate_masks
 from desensitize.stages.reference import train_reference
 from desensitize.stages.train import train_on_release
 from desensitize.storage import atomic_path
+from desensitize.tracking import log_sweep_point, sweep_run
+from desensitize.training import best_device
 
 log = logging.getLogger(__name__)
 PRIVACY = ("psnr_gain", "linkage_within_class", "hidden_information")
@@ -136,10 +141,85 @@ def _searched_params(params: Params, seed: int, scope: str) -> Params:
     return params.model_copy(update={"seed": seed, "masks": masks, "attack": attack})
 
 
+def check_axes(
+    *, scopes: list[str], ratios: list[float], cells: list[int], strategies: list[str], templates: list[str]
+) -> None:
+    """Every value of every axis through the params model, before any work; errors name the CLI option."""
+    axes = {
+        ("--scopes", "scope"): scopes,
+        ("--ratios", "hidden_ratio"): ratios,
+        ("--cells", "cell"): cells,
+        ("--strategies", "strategy"): strategies,
+        ("--templates", "template"): templates,
+    }
+    for (origin, key), values in axes.items():
+        if not values:
+            raise DesensitizeError(f"{origin}: give at least one value")
+        for value in values:
+            parse_params({"masks": {key: value}}, origin=origin)
+    if "search" in templates:
+        raise DesensitizeError("--templates: search is not a fixed template; the searched point is --searched")
+
+
 def _link(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
         os.symlink(source.resolve(), target)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One unit of the sweep: a point at one seed (`point` None: the searched point), in its own workspace."""
+
+    name: str
+    params: Params
+    point: Point | None
+
+
+def plan(
+    params: Params,
+    *,
+    seeds: list[int],
+    scopes: list[str],
+    ratios: list[float],
+    strategies: list[str],
+    templates: list[str] | None = None,
+    cells: list[int] | None = None,
+    searched: bool = True,
+) -> list[Run]:
+    """Every run of the sweep, seed by seed. `templates` defaults to [params.masks.template] unless that is
+    `search` (then mean), `cells` to [params.masks.cell]."""
+    if templates is None:
+        templates = [params.masks.template if params.masks.template != "search" else "mean"]
+    points = grid(scopes, cells or [params.masks.cell], ratios, strategies, templates)
+    runs = []
+    for seed in seeds:
+        runs += [Run(point.name, _fixed_params(params, seed, point), point) for point in points]
+        if searched:
+            runs += [Run(f"saliency-search-{scope}", _searched_params(params, seed, scope), None) for scope in scopes]
+    return runs
+
+
+def _seed_workspace(out: Path, seed: int) -> Paths:
+    return Paths(out.resolve() / "work" / f"seed-{seed}")
+
+
+def prepare_seed(params: Params, out: Path, device: str, seed: int) -> None:
+    """The raw splits and the reference model every run of `seed` shares."""
+    seeded, base = params.model_copy(update={"seed": seed}), _seed_workspace(out, seed)
+    ingest(seeded, base)
+    train_reference(seeded, base, device=device)
+
+
+def run_point(run: Run, out: Path, attack: bool, device: str) -> dict[str, Any]:
+    """One row of results.csv (the seed's workspace must be prepared)."""
+    base = _seed_workspace(out, run.params.seed)
+    paths = Paths(base.root / run.name)
+    _link(base.raw, paths.raw)
+    _link(base.reference_model, paths.reference_model)
+    row = _run_point(run.params, paths, run.point, attack, device)
+    log.info("sweep point %s (seed %d): %s", run.name, run.params.seed, {k: row.get(k) for k in ACCURACY})
+    return row
 
 
 def run_sweep(
@@ -155,32 +235,40 @@ def run_sweep(
     searched: bool = True,
     attack: bool,
     device: str = "auto",
+    track: Paths | None = None,
+    units: Units | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every point (module docstring); writes the results after each one and returns the rows.
-    `templates` defaults to [params.masks.template] unless that is `search` (then mean), `cells` to
-    [params.masks.cell]."""
-    if templates is None:
-        templates = [params.masks.template if params.masks.template != "search" else "mean"]
-    points = grid(scopes, cells or [params.masks.cell], ratios, strategies, templates)
-    rows: list[dict[str, Any]] = []
+    """Run every point (module docstring) as units: first each seed's shared workspace, then every run.
+    The results are rewritten as runs finish (the rows in plan order, those done so far) and returned in
+    plan order. `units`: what runs them (default: an Executor on `params.compute`; the Prefect sweep flow
+    passes its task runner). `track`: the project whose MLflow store records the sweep, one parent run and
+    a child per point."""
+    runs = plan(
+        params,
+        seeds=seeds,
+        scopes=scopes,
+        ratios=ratios,
+        strategies=strategies,
+        templates=templates,
+        cells=cells,
+        searched=searched,
+    )
+    gpu = best_device(device).type == "cuda"
+    rows: list[dict[str, Any] | None] = [None] * len(runs)
     start = time.perf_counter()
-    for seed in seeds:
-        base = Paths(out / "work" / f"seed-{seed}")
-        seeded = params.model_copy(update={"seed": seed})
-        ingest(seeded, base)
-        train_reference(seeded, base, device=device)
-        runs = [(point.name, _fixed_params(params, seed, point), point) for point in points]
-        if searched:
-            runs += [(f"saliency-search-{scope}", _searched_params(params, seed, scope), None) for scope in scopes]
-        for name, point_params, point in runs:
-            paths = Paths(base.root / name)
-            _link(base.raw, paths.raw)
-            _link(base.reference_model, paths.reference_model)
-            row = _run_point(point_params, paths, point, attack, device)
-            rows.append(row)
-            log.info("sweep point %s (seed %d): %s", name, seed, {k: row.get(k) for k in ACCURACY})
-            _write(out, rows, attack)
-    log.info("sweep of %d points took %.0f s", len(rows), time.perf_counter() - start)
+    with contextlib.ExitStack() as stack:
+        parent = stack.enter_context(sweep_run(track)) if track else None
+        ex = units or stack.enter_context(executor(params.compute))
+
+        def done(i: int, row: dict[str, Any]) -> None:
+            rows[i] = row
+            _write(out, [r for r in rows if r is not None], attack)
+            if parent:
+                log_sweep_point(parent, f"{runs[i].name}-seed-{runs[i].params.seed}", runs[i].params, row)
+
+        ex.map(partial(prepare_seed, params, out, device), seeds, gpu=gpu, name="sweep-seed")
+        ex.map(partial(run_point, out=out, attack=attack, device=device), runs, gpu=gpu, name="sweep-point", done=done)
+    log.info("sweep of %d points took %.0f s", len(runs), time.perf_counter() - start)
     return rows
 
 

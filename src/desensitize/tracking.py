@@ -371,3 +371,24 @@ def pipeline_run(paths: Paths, *, tags: dict[str, str] | None = None) -> Iterato
             if paths.dvc_lock.is_file():
                 mlflow.set_tag(PREFIX + "dvc_lock_sha256", sha256_file(paths.dvc_lock))
                 mlflow.log_artifact(str(paths.dvc_lock))
+
+
+@contextlib.contextmanager
+def sweep_run(paths: Paths, *, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """The parent run of one sweep; yields its id. Each point gets a child run (`log_sweep_point`)."""
+    end_orphaned_runs(configure(paths))
+    run_tags = {**_run_tags(paths, None), **_owner_tags(), KIND_TAG: "sweep", **(tags or {})}
+    with mlflow.start_run(run_name="sweep", tags=run_tags) as run:
+        yield run.info.run_id
+
+
+def log_sweep_point(parent_id: str, name: str, params: Params, row: dict[str, Any]) -> str:
+    """A finished sweep point as a child of `parent_id`: its seed and masks settings as params, its row's
+    numbers (accuracies, privacy scores, limits; booleans as 0 / 1) as metrics, its text (family,
+    template, best attacker, why a searched point released nothing) as tags. Returns the run id."""
+    text = {k: str(v)[:4000] for k, v in row.items() if isinstance(v, str)}
+    tags = {**_owner_tags(), KIND_TAG: "sweep_point", **{PREFIX + k: v for k, v in text.items()}}
+    with mlflow.start_run(run_name=name, parent_run_id=parent_id, nested=True, tags=tags) as run:
+        mlflow.log_params({"seed": params.seed, **_safe_keys({"masks": params.masks.model_dump(mode="json")})})
+        mlflow.log_metrics(_numeric({k: v for k, v in row.items() if v is not None and k not in text}))
+        return run.info.run_id

@@ -25,6 +25,7 @@ import numpy as np
 from desensitize import inpainting, privacy
 from desensitize.attack_suite import Target, attacked_sample, attacker_data, cached_attack_suite
 from desensitize.checkpoints import load_checkpoint
+from desensitize.compute import executor
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
 from desensitize.inpainting import public_data
@@ -61,7 +62,8 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     )
     # The mask search ran this very suite on the candidate it released (same inputs, same digest): its
     # result is reused, and the metrics say so.
-    release = cached_attack_suite(paths.attack_cache, target, attacker, fill, cfg, **common)
+    with executor(params.compute) as ex:
+        release = cached_attack_suite(paths.attack_cache, target, attacker, fill, cfg, **common, ex=ex)
 
     test = load_split(paths.raw, "test")
     reference = privacy.above_chance(int((predict(model, test.images, torch_device) == test.labels).sum()), test.labels)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from desensitize.attack_suite import (
 from desensitize.attribution import attribution_maps
 from desensitize.candidates import candidates, check_grid
 from desensitize.checkpoints import load_checkpoint
+from desensitize.compute import Executor, executor
 from desensitize.config import Params
 from desensitize.inpainting import public_data, release_fill
 from desensitize.mask_search import Candidate, SearchFailed, search
@@ -82,7 +84,8 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         log.info("%s attribution: %.0f images/s on %s", cfg.attribution.method, rate, torch_device)
     found = candidates(cfg, train, params.seed, maps=maps, model=model, device=torch_device)
     mean = channel_mean(train)
-    chosen, record = _choose(params, paths, found, train, mean, model, torch_device)
+    with executor(params.compute) as ex:
+        chosen, record = _choose(params, paths, found, train, mean, model, torch_device, ex)
     masks = {name: chosen.extra["masks_for"](name, split) for name, split in splits.items()}
     released = masked(splits, masks, cfg.fill, mean, params.seed)
 
@@ -177,8 +180,10 @@ def _choose(
     mean: np.ndarray,
     model: torch.nn.Module,
     device: torch.device,
+    ex: Executor,
 ) -> tuple[Candidate, dict[str, Any] | None]:
-    """The candidate to release and the search's record (None for a single candidate without the gate)."""
+    """The candidate to release and the search's record (None for a single candidate without the gate);
+    the candidates are scored as units on `ex`, the full gate's attacker probes too."""
     cfg, seed = params.masks, params.seed
     if cfg.privacy == "none" and len(found) == 1:
         return found[0], None
@@ -193,9 +198,10 @@ def _choose(
             released(c), train.labels, held_out, params, num_classes=n_classes, device=device, name=c.name
         )
 
+    gpu = device.type == "cuda"
     if cfg.privacy == "none":
-        for c in found:
-            c.utility = utility(c)
+        for c, u in zip(found, ex.map(utility, found, gpu=gpu, name="utility"), strict=True):
+            c.utility = u
             log.info("candidate %s: held-out accuracy %.4f", c.name, c.utility)
         chosen = max(found, key=lambda c: c.utility)  # ties: the first
         return chosen, {"chosen": chosen.name, "candidates": [c.record() for c in found]}
@@ -208,6 +214,7 @@ def _choose(
     chance = linkage_chance(len(idx), train.labels[idx], attack.gallery)
     bounds = limits(attack.thresholds, chance)
     common = {"num_classes": n_classes, "model": model, "device": device, "seed": seed}
+    map_units = partial(ex.map, gpu=gpu, name="candidate")
     screen_cfg = attack.model_copy(update={"attackers": ["learned"]})
 
     def target(c: Candidate) -> tuple[Target, Any]:
@@ -223,7 +230,7 @@ def _choose(
         return judged(result)
 
     def full(c: Candidate) -> dict[str, float]:  # the attack stage finds this run in the cache
-        return judged(cached_attack_suite(paths.attack_cache, *target(c), fill, attack, **common))
+        return judged(cached_attack_suite(paths.attack_cache, *target(c), fill, attack, **common, ex=ex))
 
     try:
         result = search(
@@ -234,6 +241,7 @@ def _choose(
             limits=bounds,
             max_full_gates=cfg.search.max_full_gates,
             base={"linkage_within_class": chance},
+            map_units=map_units,
         )
     except SearchFailed as failed:
         write_json(paths.masks_reports / "search.json", failed.result.record())
