@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from desensitize.checkpoints import load_checkpoint
 from desensitize.config import ClassifierParams
 from desensitize.distributed import process_group
+from desensitize.errors import DesensitizeError
 from desensitize.models import build_backbone
+from desensitize.paths import Paths
+from desensitize.runner import run_stage
 from desensitize.training import fit, seed_everything, train_classifier
 
 # 97 images in batches of 32: the last global batch holds one image, so one rank's share of it is empty.
@@ -166,3 +172,41 @@ def test_only_rank_zero_writes(tmp_path: Path):
     saved, _ = load_checkpoint(root / "models" / "m.npz")
     for name, value in saved.state_dict().items():
         assert torch.equal(value, ranks[0]["state"][name]), name
+
+
+def test_torchrun_runs_a_training_stage_with_rank_zero_tracking_it(tiny_project, tmp_path: Path):
+    """The real launch: `torchrun --nproc-per-node 2 -m desensitize reference` on CPU (gloo)."""
+    from conftest import copy_project, tiny_params
+
+    paths = copy_project(tiny_project, tmp_path / "project")
+    paths.reference_model.unlink()
+    (paths.root / "params.yaml").write_text(yaml.safe_dump(tiny_params().model_dump(mode="json")))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    result = subprocess.run(
+        [*launch, "-m", "desensitize", "reference", "--device", "cpu"],
+        cwd=paths.root,
+        env={**os.environ, "MLFLOW_TRACKING_URI": store},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, _ = load_checkpoint(paths.reference_model)
+    assert model.stages[0][1].__class__ is nn.BatchNorm2d  # the checkpoint rebuilds the plain model
+    assert paths.report("reference").is_file() and paths.reference_history.is_file()
+    assert not [p for p in paths.root.rglob("*.tmp")]
+    client = mlflow.MlflowClient(store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [(run.data.tags["desensitize.stage"], run.info.status) for run in runs] == [("reference", "FINISHED")]
+
+
+@pytest.mark.parametrize("stage", ["ingest", "masks", "attack", "evaluate", "register"])
+def test_stages_that_do_not_train_refuse_several_processes(stage: str, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    from conftest import tiny_params
+
+    with pytest.raises(DesensitizeError, match=rf"stage '{stage}' runs in one process.*`desensitize {stage}`"):
+        run_stage(stage, tiny_params(), Paths(tmp_path))
+    assert not any(tmp_path.iterdir())
