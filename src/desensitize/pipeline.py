@@ -36,6 +36,7 @@ class Stage:
     name: str
     target: str  # "module:function"; imported on use, so `desensitize --help` stays fast
     uses_device: bool = True
+    distributed: bool = False  # trains under torchrun with several processes (desensitize.distributed)
     params: tuple[str, ...] = ("seed",)  # dotted params keys, as listed in dvc.yaml
     reads: tuple[str, ...] = ()  # items of desensitize.tracking.ITEMS
     writes: tuple[str, ...] = ()
@@ -60,6 +61,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "reference",
             "desensitize.stages.reference:train_reference",
+            distributed=True,
             params=("seed", "reference"),
             reads=("raw/train", "raw/test"),
             writes=("model/reference",),
@@ -96,6 +98,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "train",
             "desensitize.stages.train:train_on_release",
+            distributed=True,
             params=("seed", "train"),
             reads=("release",),
             writes=("model/plain", "model/masknet"),
@@ -104,6 +107,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "baselines",
             "desensitize.stages.baselines:train_baselines",
+            distributed=True,
             params=("seed", "train"),
             reads=("raw/train",),
             writes=("model/raw", "model/plain_random"),  # release.json only

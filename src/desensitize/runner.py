@@ -1,5 +1,6 @@
 """Run one stage of the table in desensitize.pipeline inside its MLflow child run: what the CLI (and so
-`dvc repro`) and the Prefect flow call."""
+`dvc repro`) and the Prefect flow call. Under torchrun with several processes (desensitize.distributed)
+only the stages that train run, every rank computing and rank 0 alone writing and tracking."""
 
 from __future__ import annotations
 
@@ -18,5 +19,16 @@ def run_stage(name: str, params: Params, paths: Paths, device: str = "auto") -> 
         raise DesensitizeError(f"unknown stage {name!r}; expected one of {', '.join(STAGES)}")
     stage = STAGES[name]
     kwargs = {"device": device} if stage.uses_device else {}
-    with stage_run(stage, params, paths) as record:
-        return record(stage.function()(params, paths, **kwargs))
+    from desensitize.distributed import process_group, world  # torch: imported on use, as the stages are
+
+    if not stage.distributed and (size := world().size) > 1:
+        served = ", ".join(other.name for other in STAGES.values() if other.distributed)
+        raise DesensitizeError(
+            f"stage {name!r} runs in one process, not under torchrun with {size} processes: run "
+            f"`desensitize {name}` (torchrun --nproc-per-node N serves the stages that train: {served})"
+        )
+    with process_group(device) as rank:
+        if not rank.is_main:  # computes beside rank 0, which alone writes outputs and tracks the run
+            return stage.function()(params, paths, **kwargs)
+        with stage_run(stage, params, paths) as record:
+            return record(stage.function()(params, paths, **kwargs))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from desensitize.checkpoints import build_model, save_checkpoint
 from desensitize.config import ClassifierParams
+from desensitize.distributed import Replicas, rank_device, world
 from desensitize.errors import DesensitizeError
 from desensitize.models import build_backbone
 from desensitize.paths import Paths
@@ -29,15 +30,17 @@ T = TypeVar("T")
 
 
 def best_device(requested: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU; `cuda` without a GPU is an error, not a silent fallback."""
+    """`auto` picks CUDA when present, else CPU; `cuda` without a GPU is an error, not a silent fallback.
+    Under torchrun with several processes, each rank's CUDA device is cuda:LOCAL_RANK."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return rank_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise DesensitizeError(f"device {requested!r} requested but CUDA is not available on this machine")
     try:
-        return torch.device(requested)
+        device = torch.device(requested)
     except RuntimeError:
         raise DesensitizeError(f"device {requested!r}: expected auto, cpu, cuda or cuda:N") from None
+    return rank_device(device)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -90,10 +93,10 @@ def train_classifier(
     generator = seed_everything(seed)
     x_all, y_all = to_float(images), torch.as_tensor(labels, dtype=torch.long)
     on_device(model, device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    replicas = Replicas(model, device, seed)  # under torchrun: every rank takes its share of each batch
+    optimizer = torch.optim.Adam(replicas.module.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * ((len(x_all) + batch_size - 1) // batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.15)
-    loss_fn = nn.CrossEntropyLoss()
     history = History()
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -102,20 +105,23 @@ def train_classifier(
         batches = range(0, len(order), batch_size)
         for i in progress(batches, desc=f"{name} epoch {epoch}/{epochs}"):
             idx = order[i : i + batch_size]
-            x, y = batch_to(x_all[idx], device), y_all[idx].to(device)
-            logits = model(x)
-            loss = loss_fn(logits, y)
+            share = replicas.share(idx)
+            x, y = batch_to(x_all[share], device), y_all[share].to(device)
+            logits = replicas.module(x)
+            loss = replicas.loss(logits, y, len(idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             total_loss += loss.item() * len(idx)
             correct += (logits.argmax(1) == y).sum().item()
+        total_loss, correct = replicas.totals(total_loss, correct)
         row = {"epoch": epoch, "loss": total_loss / len(order), "train_accuracy": correct / len(order)}
         history.epochs.append(row)
         log.info(
             "%s epoch %d/%d: loss %.4f, train accuracy %.4f", name, epoch, epochs, row["loss"], row["train_accuracy"]
         )
+    replicas.finish()
     history.wall_seconds = time.perf_counter() - start
     return history
 
@@ -147,8 +153,9 @@ def fit(
     seed_everything(seed)  # the initial weights too
     model = build_model(spec)
     history = train_classifier(model, images, labels, cfg, seed=seed, device=device, name=name)
-    save_checkpoint(model_path, model, **spec)
-    write_history(history_path, history)
+    if world().is_main:  # under torchrun every rank holds the same weights; one writes them
+        save_checkpoint(model_path, model, **spec)
+        write_history(history_path, history)
     return model, history
 
 

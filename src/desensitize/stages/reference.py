@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from desensitize.config import Params
+from desensitize.distributed import world
 from desensitize.paths import Paths
 from desensitize.results import write_results
 from desensitize.splits import load_split
@@ -49,6 +50,7 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
         "n_test": len(test.images),
         "device": torch_device.type,
     }
-    write_results(paths, "reference", metrics)
+    if world().is_main:  # under torchrun the other ranks only help train
+        write_results(paths, "reference", metrics)
     log.info("reference test accuracy %.4f (%.1f s)", metrics["test_accuracy"], history.wall_seconds)
     return {**metrics, "wall_seconds": round(history.wall_seconds, 2)}
