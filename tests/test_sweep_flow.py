@@ -32,7 +32,7 @@ def test_the_sweep_flow_on_a_dask_cluster_gives_the_cli_sweep_and_a_run_per_poin
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(settings))
-    seeds = [0, 1]
+    seeds = [0]
 
     state = run(str(project / "params.yaml"), out="sweep", seeds=seeds, **AXES, searched=False, device="cpu")
     assert state.is_completed(), state.message
