@@ -34,7 +34,7 @@ from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
 from desensitize.masks import apply_mask, cell_scores, fill_values, grid_shape, n_hidden_cells, random_masks
 from desensitize.splits import Split, load_split
-from desensitize.storage import read_shards, read_versioned_json, write_json, write_shards
+from desensitize.storage import Shards, read_versioned_json, write_json, write_shards
 
 RELEASE_JSON = "release.json"
 FORMAT_VERSION = 1
@@ -134,12 +134,18 @@ def read_release_info(directory: Path) -> ReleaseInfo:
         raise DesensitizeError(f"{path}: {key}: {first['msg']}; make the release again") from None
 
 
-def load_released(directory: Path, split: str) -> ReleasedSplit:
+def released_shards(directory: Path, split: str) -> Shards:
+    """One released split's shards, read one at a time, each checked against the sha256 in release.json."""
     release = read_release_info(directory)
     if split not in release.shards:
         raise DesensitizeError(f"{directory}: no {split!r} split in the release")
-    entries = [entry.model_dump() for entry in release.shards[split]]
-    arrays = read_shards(directory, entries, hint="the release bundle was altered; make it again")
+    entries = tuple(entry.model_dump() for entry in release.shards[split])
+    return Shards(Path(directory), entries, hint="the release bundle was altered; make it again")
+
+
+def load_released(directory: Path, split: str) -> ReleasedSplit:
+    """Read one released split whole (for the callers whose data is small), every shard checked."""
+    arrays = released_shards(directory, split).read_all()
     return ReleasedSplit(arrays["images"], arrays["labels"], arrays["masks"])
 
 

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -172,15 +173,39 @@ def write_shards(directory: Path, prefix: str, shard_size: int, **arrays: np.nda
     return entries
 
 
-def read_shards(directory: Path, entries: list[dict[str, Any]], hint: str) -> dict[str, np.ndarray]:
-    """Read shards written by `write_shards`, refusing any whose sha256 differs from its entry."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for entry in entries:
-        path = Path(directory) / entry["file"]
+@dataclass(frozen=True)
+class Shards:
+    """A split written by `write_shards`, read one shard at a time: whoever walks it holds one shard,
+    so peak memory depends on the shard size, not on how many images the split has. Every shard is
+    checked against its recorded sha256 when it is read; `hint` says what to do about one that differs."""
+
+    directory: Path
+    entries: tuple[dict[str, Any], ...]
+    hint: str
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(entry["images"]) for entry in self.entries]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def read(self, k: int) -> dict[str, np.ndarray]:
+        """Shard k's arrays, refusing a missing shard or one whose sha256 differs from its entry."""
+        path = Path(self.directory) / self.entries[k]["file"]
         if not path.is_file():
-            raise DesensitizeError(f"{path}: shard is missing; {hint}")
-        if sha256_file(path) != entry["sha256"]:
-            raise DesensitizeError(f"{path}: checksum differs from the recorded sha256; {hint}")
-        for name, array in read_arrays(path).items():
-            parts.setdefault(name, []).append(array)
-    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+            raise DesensitizeError(f"{path}: shard is missing; {self.hint}")
+        if sha256_file(path) != self.entries[k]["sha256"]:
+            raise DesensitizeError(f"{path}: checksum differs from the recorded sha256; {self.hint}")
+        return read_arrays(path)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (self.read(k) for k in range(len(self.entries)))
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every shard concatenated: for the readers whose data is small (or that need it whole)."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for arrays in self:
+            for name, array in arrays.items():
+                parts.setdefault(name, []).append(array)
+        return {name: np.concatenate(arrays) for name, arrays in parts.items()}
