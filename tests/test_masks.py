@@ -18,6 +18,7 @@ from desensitize.masks import (
     random_masks,
     spread_ranks,
 )
+from desensitize.templates import TemplateStats
 
 
 def _hidden_cells(masks: np.ndarray, cell: int) -> np.ndarray:
@@ -67,7 +68,11 @@ def test_class_contrast_keeps_where_classes_differ_not_where_they_all_look():
     maps[:2, 0, 0] = 0.5  # class 0 (2 images): top-left
     maps[2:, 3, 3] = 0.5  # class 1 (3 images): bottom-right
     labels = np.array([0, 0, 1, 1, 1])
-    contrast = class_contrast(maps, labels)
+    stats = TemplateStats()  # the set template statistics, as the masks stage gathers them shard by shard
+    stats.add(maps[:3], np.zeros((3, 1, 4, 4), np.uint8), labels[:3])
+    stats.add(maps[3:], np.zeros((2, 1, 4, 4), np.uint8), labels[3:])
+    np.testing.assert_allclose(stats.mean(), maps.mean(axis=0))
+    contrast = class_contrast(stats.class_means())
     np.testing.assert_allclose(cell_scores(contrast, 2), [[0.25, 0], [0, 0.25]])
     np.testing.assert_array_equal(hide_lowest(cell_scores(contrast, 2), 2), [[1, 0], [0, 1]])
     np.testing.assert_array_equal(hide_lowest(cell_scores(maps.mean(axis=0), 2), 3), [[0, 1], [0, 0]])

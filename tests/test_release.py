@@ -276,7 +276,7 @@ def test_verify_checks_the_declared_grid_and_ratios_against_the_masks(released: 
 
 def test_verify_checks_the_declared_fill_against_the_raw_data_and_the_hidden_pixels(released: Paths, monkeypatch):
     original = (released.release / RELEASE_JSON).read_text()
-    mean = channel_mean(load_split(released.raw, "train")).tolist()
+    mean = channel_mean([load_split(released.raw, "train").images]).tolist()
     assert mean != [0]
     cases = [
         (

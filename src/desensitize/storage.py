@@ -15,12 +15,13 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,17 +161,40 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise DesensitizeError(f"{path}: unreadable shard ({exc})") from None
 
 
+def rechunk(pieces: Iterable[dict[str, np.ndarray]], sizes: Iterable[int]) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of aligned array pieces (same names, same first dimension within a piece), cut again into
+    pieces of `sizes` rows; the last is short when the rows run out first. Holds at most one output
+    piece plus one input piece."""
+    sizes, held = iter(sizes), None
+    size = next(sizes, None)
+    for piece in pieces:
+        held = piece if held is None else {name: np.concatenate([held[name], piece[name]]) for name in piece}
+        while size is not None and len(next(iter(held.values()))) >= size:
+            yield {name: array[:size] for name, array in held.items()}
+            held = {name: array[size:] for name, array in held.items()}
+            size = next(sizes, None)
+    if held is not None and size is not None and len(next(iter(held.values()))):
+        yield held
+
+
+def write_shard_stream(
+    directory: Path, prefix: str, shard_size: int, pieces: Iterable[dict[str, np.ndarray]]
+) -> list[dict[str, Any]]:
+    """Write aligned array pieces, in any sizes, as `<prefix>-000.npz`, ... of `shard_size` rows each (the
+    last may be short), holding about one shard at a time; returns the shard entries. The bytes depend
+    only on the rows and the shard size, not on how the pieces were cut."""
+    entries = []
+    for k, arrays in enumerate(rechunk(pieces, itertools.repeat(shard_size))):
+        file = f"{prefix}-{k:03d}.npz"
+        write_arrays(Path(directory) / file, **arrays)
+        count = len(next(iter(arrays.values())))
+        entries.append({"file": file, "images": count, "sha256": sha256_file(Path(directory) / file)})
+    return entries
+
+
 def write_shards(directory: Path, prefix: str, shard_size: int, **arrays: np.ndarray) -> list[dict[str, Any]]:
     """Write aligned arrays (same first dimension) as `<prefix>-000.npz`, ...; returns the shard entries."""
-    count = len(next(iter(arrays.values())))
-    entries = []
-    for k, start in enumerate(range(0, count, shard_size)):
-        file = f"{prefix}-{k:03d}.npz"
-        write_arrays(Path(directory) / file, **{name: a[start : start + shard_size] for name, a in arrays.items()})
-        entries.append(
-            {"file": file, "images": min(shard_size, count - start), "sha256": sha256_file(Path(directory) / file)}
-        )
-    return entries
+    return write_shard_stream(directory, prefix, shard_size, [arrays])
 
 
 @dataclass(frozen=True)
