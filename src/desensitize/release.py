@@ -15,8 +15,9 @@ declares about the mask (grid, cell and pixel ratios, fill value and seed) is wh
 the raw data show: these values become registry tags and card lines.
 
 `ReleaseInfo` is the typed content of `release.json`, written by the masks stage and read by every
-consumer. `random_counterpart` is what a seeded `random` mask of the same ratio, grid, scope and
-fill would release: the baseline every comparison of mask strategies uses.
+consumer. `MaskedShards` makes a split's release as each shard is read, so no stage holds a whole
+split; `random_release` is what a seeded `random` mask of the same ratio, grid, scope and fill would
+release: the baseline every comparison of mask strategies uses.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
 from desensitize.masks import apply_mask, cell_scores, fill_values, grid_shape, n_hidden_cells, random_masks
 from desensitize.splits import Split, split_shards
-from desensitize.storage import Shards, read_versioned_json, rechunk, write_json, write_shard_stream
+from desensitize.storage import (
+    Shards,
+    ShardSource,
+    read_versioned_json,
+    rechunk,
+    write_json,
+    write_shard_stream,
+)
 
 RELEASE_JSON = "release.json"
 FORMAT_VERSION = 1
@@ -108,16 +116,12 @@ class ReleaseInfo(MaskSettings):
 
 
 def write_release(
-    directory: Path, splits: dict[str, Iterable[ReleasedSplit]], *, settings: MaskSettings, shard_size: int
+    directory: Path, splits: dict[str, Iterable[dict[str, np.ndarray]]], *, settings: MaskSettings, shard_size: int
 ) -> ReleaseInfo:
     """Write the bundle into `directory` (an empty temporary directory), each split from its pieces (any
-    sizes: see masked_pieces), holding about one shard at a time; returns release.json's content."""
-    shards = {
-        name: write_shard_stream(
-            directory, name, shard_size, ({"images": p.images, "labels": p.labels, "masks": p.masks} for p in pieces)
-        )
-        for name, pieces in splits.items()
-    }
+    sizes: `images`, `labels`, `masks`; see MaskedShards), holding about one shard at a time; returns
+    release.json's content."""
+    shards = {name: write_shard_stream(directory, name, shard_size, pieces) for name, pieces in splits.items()}
     release = ReleaseInfo(
         **settings.model_dump(),
         counts={name: sum(entry["images"] for entry in entries) for name, entries in shards.items()},
@@ -168,48 +172,44 @@ def mask_images(split: Split, masks: np.ndarray, fill: str, mean: np.ndarray, se
     return apply_mask(split.images, masks, values)
 
 
-def masked_pieces(
-    shards: Iterable[dict[str, np.ndarray]],
-    count: int,
-    masks: np.ndarray,
-    fill: str,
-    mean: np.ndarray,
-    seed: int,
-    stream: int,
-) -> Iterator[ReleasedSplit]:
-    """The release of a split of `count` images given shard by shard (`images`, `labels`), one piece per
-    shard: its mask (one for the set, or the shard's rows of per-image masks) and fill applied. A `noise`
-    fill is drawn for the whole split (seeded per split, as one array) and sliced per shard."""
-    values, start = None, 0
-    for arrays in shards:
+class MaskedShards:
+    """A split's shards (`images`, `labels`; storage.ShardSource) with a mask (one (H, W) for the set, or
+    (N, H, W), one per image) and a fill applied as each shard is read, in any order: the release of a
+    split (or its random counterpart) with no more than a shard of it in memory. Shards come out as the
+    release stores them: `images` (masked), `labels`, `masks` (per image). A `noise` fill is drawn for
+    the whole split (seeded per split, as one array, so that the release does not depend on the shard
+    size) and sliced per shard: with that fill the split's noise is held whole."""
+
+    def __init__(
+        self, shards: ShardSource, masks: np.ndarray, fill: str, mean: np.ndarray, seed: int, stream: int
+    ) -> None:
+        self.shards, self.masks, self.fill, self.mean, self.seed, self.stream = shards, masks, fill, mean, seed, stream
+        self._values: np.ndarray | None = None
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.shards.sizes
+
+    def masked(self, arrays: dict[str, np.ndarray], start: int) -> dict[str, np.ndarray]:
+        """The release of rows `start`, ... of the split (`arrays`, e.g. a shard already read)."""
         images = arrays["images"]
-        if values is None:
-            values = fill_values(fill, (count, *images.shape[1:]), mean, seed, stream)
+        if self._values is None:
+            shape = (sum(self.sizes), *images.shape[1:])
+            self._values = fill_values(self.fill, shape, self.mean, self.seed, self.stream)
         stop = start + len(images)
-        mask = masks[start:stop] if masks.ndim == 3 else masks
-        fill_part = values[start:stop] if values.shape[0] == count > 1 else values
-        yield ReleasedSplit(apply_mask(images, mask, fill_part), arrays["labels"], _per_image(mask, len(images)))
-        start = stop
+        mask = self.masks[start:stop] if self.masks.ndim == 3 else self.masks
+        values = self._values[start:stop] if self.fill == "noise" else self._values
+        return {
+            "images": apply_mask(images, mask, values),
+            "labels": arrays["labels"],
+            "masks": _per_image(mask, len(images)),
+        }
 
+    def read(self, k: int) -> dict[str, np.ndarray]:
+        return self.masked(self.shards.read(k), sum(self.sizes[:k]))
 
-def masked(
-    splits: dict[str, Split], masks: dict[str, np.ndarray], fill: str, mean: np.ndarray, seed: int
-) -> dict[str, ReleasedSplit]:
-    """Apply each split's mask(s) and fill (noise drawn from the split's own stream), splits in memory."""
-    return {
-        name: next(
-            masked_pieces(
-                [{"images": split.images, "labels": split.labels}],
-                len(split.images),
-                masks[name],
-                fill,
-                mean,
-                seed,
-                FILL_STREAMS[name],
-            )
-        )
-        for name, split in splits.items()
-    }
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (self.read(k) for k in range(len(self.sizes)))
 
 
 def _per_image(mask: np.ndarray, count: int) -> np.ndarray:
@@ -230,18 +230,24 @@ def random_split_masks(
     }
 
 
-def random_counterpart(
-    cfg: MaskParams, splits: dict[str, Split], mean: np.ndarray, seed: int
-) -> dict[str, ReleasedSplit]:
-    """What a seeded `random` mask of the same ratio, grid, scope and fill would release."""
-    _, _, height, width = next(iter(splits.values())).images.shape
-    counts = {name: len(split.images) for name, split in splits.items()}
-    return masked(splits, random_split_masks(cfg, counts, height, width, seed), cfg.fill, mean, seed)
+def random_release(
+    cfg: MaskParams, splits: dict[str, ShardSource], size: tuple[int, int], mean: np.ndarray, seed: int
+) -> dict[str, MaskedShards]:
+    """What a seeded `random` mask of cfg's ratio, grid, scope and fill releases of each split (images of
+    `size`: height, width), made as each shard is read."""
+    counts = {name: sum(split.sizes) for name, split in splits.items()}
+    masks = random_split_masks(cfg, counts, *size, seed)
+    return {
+        name: MaskedShards(split, masks[name], cfg.fill, mean, seed, FILL_STREAMS[name])
+        for name, split in splits.items()
+    }
 
 
-def random_release_of(info: ReleaseInfo, splits: dict[str, Split], seed: int) -> dict[str, ReleasedSplit]:
-    """The random counterpart of a written release."""
-    return random_counterpart(info.random_like(), splits, np.asarray(info.fill_value, dtype=np.uint8), seed)
+def random_release_of(info: ReleaseInfo, splits: dict[str, ShardSource], seed: int) -> dict[str, MaskedShards]:
+    """The random counterpart of a written release: the baseline every comparison of mask strategies uses."""
+    _, height, width = info.image_shape
+    fill_value = np.asarray(info.fill_value, dtype=np.uint8)
+    return random_release(info.random_like(), splits, (height, width), fill_value, seed)
 
 
 def _first(where: np.ndarray) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -195,6 +195,29 @@ def write_shard_stream(
 def write_shards(directory: Path, prefix: str, shard_size: int, **arrays: np.ndarray) -> list[dict[str, Any]]:
     """Write aligned arrays (same first dimension) as `<prefix>-000.npz`, ...; returns the shard entries."""
     return write_shard_stream(directory, prefix, shard_size, [arrays])
+
+
+class ShardSource(Protocol):
+    """Aligned arrays (same first dimension) in shards that can be read one at a time, in any order."""
+
+    @property
+    def sizes(self) -> list[int]: ...
+
+    def read(self, k: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """Arrays already in memory, as a source of one shard."""
+
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(next(iter(self.arrays.values())))]
+
+    def read(self, k: int) -> dict[str, np.ndarray]:
+        return self.arrays
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from desensitize.config import ClassifierParams
 from desensitize.errors import DesensitizeError
 from desensitize.models import build_backbone
 from desensitize.paths import Paths
-from desensitize.storage import Shards, atomic_path
+from desensitize.storage import InMemory, ShardSource, atomic_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,27 +82,14 @@ def images_of(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class InMemory:
-    """Arrays already in memory as a source of one shard (`images`, `labels`)."""
-
-    arrays: dict[str, np.ndarray]
-
-    @property
-    def sizes(self) -> list[int]:
-        return [len(self.arrays["labels"])]
-
-    def read(self, k: int) -> dict[str, np.ndarray]:
-        return self.arrays
-
-
-@dataclass(frozen=True)
 class TrainingData:
-    """What a classifier trains on: a source of shards (`storage.Shards`, read one at a time, or
-    `InMemory`) holding `labels`, and `inputs`, which builds a batch's model input (uint8 or float,
-    `shape` per image) from that batch's arrays: the images, or e.g. the MaskNet input (image + mask),
-    so that no input is ever built for the whole set."""
+    """What a classifier trains on: a source of shards (storage.ShardSource: `Shards` on disk, read one
+    at a time, a release made as each shard is read, or arrays `InMemory`) holding `labels`, and
+    `inputs`, which builds a batch's model input (uint8 or float, `shape` per image) from that batch's
+    arrays: the images, or e.g. the MaskNet input (image + mask), so that no input is ever built for the
+    whole set."""
 
-    source: Shards | InMemory
+    source: ShardSource
     shape: tuple[int, ...]
     inputs: Inputs = images_of
 
@@ -293,7 +280,7 @@ def predict(model: nn.Module, images: np.ndarray, device: torch.device, batch_si
 
 
 def predict_shards(
-    model: nn.Module, shards: Shards, device: torch.device, inputs: Inputs = images_of
+    model: nn.Module, shards: Iterable[dict[str, np.ndarray]], device: torch.device, inputs: Inputs = images_of
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predictions and labels of a sharded split, one shard in memory at a time (`inputs` builds a shard's
     model input from its arrays)."""

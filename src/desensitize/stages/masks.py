@@ -10,7 +10,6 @@ masks.privacy = gate the release is the most useful candidate that passes the fu
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -39,12 +38,11 @@ from desensitize.paths import Paths
 from desensitize.privacy import linkage_chance
 from desensitize.release import (
     FILL_STREAMS,
+    MaskedShards,
     MaskSettings,
-    ReleasedSplit,
     channel_mean,
     mask_images,
-    masked_pieces,
-    random_split_masks,
+    random_release,
     verify_release,
     write_release,
 )
@@ -88,10 +86,12 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
             "hidden_ratio": settings_of["hidden_ratio_requested"],
         }
     )
-    random_test = random_split_masks(random_cfg, {"test": len(shards["test"])}, height, width, params.seed)["test"]
-    accuracy = _reference_accuracy(
-        model, shards["test"], masks["test"], random_test, cfg.fill, mean, params.seed, torch_device
-    )
+    released = {
+        name: MaskedShards(split, masks[name], cfg.fill, mean, params.seed, FILL_STREAMS[name])
+        for name, split in shards.items()
+    }
+    random_test = random_release(random_cfg, {"test": shards["test"]}, (height, width), mean, params.seed)["test"]
+    accuracy = _reference_accuracy(model, shards["test"], released["test"], random_test, torch_device)
     settings = MaskSettings(
         strategy=cfg.strategy,
         method=cfg.attribution.method if cfg.strategy == "saliency" else None,
@@ -115,17 +115,12 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         search=record,
     )
 
-    def released(name: str) -> Iterator[ReleasedSplit]:
-        split = shards[name]
-        return masked_pieces(split, len(split), masks[name], cfg.fill, mean, params.seed, FILL_STREAMS[name])
-
     with atomic_dir(paths.release) as tmp:
-        write_release(
-            tmp, {name: released(name) for name in shards}, settings=settings, shard_size=params.data.shard_size
-        )
+        write_release(tmp, released, settings=settings, shard_size=params.data.shard_size)
         verify_release(tmp, paths.raw)  # nothing unverified ever lands in data/release
 
-    _figures(paths, chosen, masks["train"], shards["train"].read(0)["images"], next(released("train")).images)
+    first = shards["train"].read(0)
+    _figures(paths, chosen, masks["train"], first["images"], released["train"].masked(first, 0)["images"])
     metrics = {
         **settings.model_dump(
             include={
@@ -304,28 +299,19 @@ def _scan_train(
 
 
 def _reference_accuracy(
-    model: torch.nn.Module,
-    test: Shards,
-    masks: np.ndarray,
-    random_masks: np.ndarray,
-    fill: str,
-    mean: np.ndarray,
-    seed: int,
-    device: torch.device,
+    model: torch.nn.Module, test: Shards, released: MaskedShards, randomised: MaskedShards, device: torch.device
 ) -> dict[str, float]:
     """The reference model's accuracy on the raw test images, under the release's masks and under a seeded
-    random mask of the same ratio, grid and fill; each test shard is read once."""
-    n, stream = len(test), FILL_STREAMS["test"]
-    raw, for_masked, for_random = itertools.tee(test, 3)  # advanced together: one shard held
-    correct = dict.fromkeys(("raw", "masked", "random"), 0)
-    pieces = zip(
-        raw,
-        masked_pieces(for_masked, n, masks, fill, mean, seed, stream),
-        masked_pieces(for_random, n, random_masks, fill, mean, seed, stream),
-        strict=True,
-    )
-    for arrays, released, randomised in pieces:
-        labels = arrays["labels"]
-        for name, images in (("raw", arrays["images"]), ("masked", released.images), ("random", randomised.images)):
-            correct[name] += int((predict(model, images, device) == labels).sum())
+    random mask of the same ratio, grid and fill (both made of `test`); each test shard is read once."""
+    n = len(test)
+    correct, start = dict.fromkeys(("raw", "masked", "random"), 0), 0
+    for arrays in test:
+        inputs = {
+            "raw": arrays["images"],
+            "masked": released.masked(arrays, start)["images"],
+            "random": randomised.masked(arrays, start)["images"],
+        }
+        for name, images in inputs.items():
+            correct[name] += int((predict(model, images, device) == arrays["labels"]).sum())
+        start += len(arrays["labels"])
     return {name: count / n for name, count in correct.items()}
