@@ -35,7 +35,7 @@ import desensitize
 from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
 from desensitize.masks import apply_mask, cell_scores, fill_values, grid_shape, n_hidden_cells, random_masks
-from desensitize.splits import Split, split_shards
+from desensitize.splits import split_shards
 from desensitize.storage import (
     Shards,
     ShardSource,
@@ -165,11 +165,6 @@ def channel_mean(images: Iterable[np.ndarray]) -> np.ndarray:
         total = total + part.sum(axis=(0, 2, 3), dtype=np.int64)
         count += part.shape[0] * part.shape[2] * part.shape[3]
     return np.rint(total / count).astype(np.uint8)
-
-
-def mask_images(split: Split, masks: np.ndarray, fill: str, mean: np.ndarray, seed: int, stream: int) -> np.ndarray:
-    values = fill_values(fill, split.images.shape, mean, seed, stream)
-    return apply_mask(split.images, masks, values)
 
 
 class MaskedShards:

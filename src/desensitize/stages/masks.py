@@ -41,7 +41,6 @@ from desensitize.release import (
     MaskedShards,
     MaskSettings,
     channel_mean,
-    mask_images,
     random_release,
     verify_release,
     write_release,
@@ -49,7 +48,7 @@ from desensitize.release import (
 from desensitize.reports import heatmap, image_grid
 from desensitize.results import write_results
 from desensitize.splits import Split, load_split, read_manifest, split_shards
-from desensitize.storage import Shards, atomic_dir, write_json
+from desensitize.storage import InMemory, Shards, atomic_dir, write_json
 from desensitize.templates import TemplateStats, held_out_utility, search_split
 from desensitize.training import best_device, predict, to_float
 
@@ -178,7 +177,7 @@ def _choose(
     n_classes = len(train.class_names)
 
     def released(c: Candidate) -> np.ndarray:
-        return mask_images(train, c.masks, cfg.fill, mean, seed, FILL_STREAMS["train"])
+        return MaskedShards(InMemory(arrays), c.masks, cfg.fill, mean, seed, FILL_STREAMS["train"]).read(0)["images"]
 
     def utility(c: Candidate) -> float:
         return held_out_utility(
