@@ -18,6 +18,7 @@ from desensitize.masks import (
     random_masks,
     spread_ranks,
 )
+from desensitize.templates import TemplateStats, pooled_images, set_templates, template_mask
 
 
 def _hidden_cells(masks: np.ndarray, cell: int) -> np.ndarray:
@@ -67,7 +68,11 @@ def test_class_contrast_keeps_where_classes_differ_not_where_they_all_look():
     maps[:2, 0, 0] = 0.5  # class 0 (2 images): top-left
     maps[2:, 3, 3] = 0.5  # class 1 (3 images): bottom-right
     labels = np.array([0, 0, 1, 1, 1])
-    contrast = class_contrast(maps, labels)
+    stats = TemplateStats()  # the set template statistics, as the masks stage gathers them shard by shard
+    stats.add(maps[:3], np.zeros((3, 1, 4, 4), np.uint8), labels[:3])
+    stats.add(maps[3:], np.zeros((2, 1, 4, 4), np.uint8), labels[3:])
+    np.testing.assert_allclose(stats.mean(), maps.mean(axis=0))
+    contrast = class_contrast(stats.class_means())
     np.testing.assert_allclose(cell_scores(contrast, 2), [[0.25, 0], [0, 0.25]])
     np.testing.assert_array_equal(hide_lowest(cell_scores(contrast, 2), 2), [[1, 0], [0, 1]])
     np.testing.assert_array_equal(hide_lowest(cell_scores(maps.mean(axis=0), 2), 3), [[0, 1], [0, 0]])
@@ -138,3 +143,33 @@ def test_apply_mask_keeps_visible_pixels_and_fills_the_rest():
     out = apply_mask(images, np.stack([mask] * 4), noise)
     np.testing.assert_array_equal(out[:, :, hidden], noise[:, :, hidden])
     assert len(np.unique(out[:, :, hidden])) > 100
+
+
+def test_set_templates_do_not_depend_on_how_the_train_split_is_sharded():
+    rng = np.random.default_rng(0)
+    maps = rng.random((60, 8, 8)).astype(np.float32)
+    maps /= maps.sum(axis=(1, 2), keepdims=True)
+    images = rng.integers(0, 256, (60, 1, 8, 8), dtype=np.uint8)
+    labels = rng.integers(0, 3, 60)
+    whole, parts = TemplateStats([2, 4]), TemplateStats([2, 4])
+    whole.add(maps, images, labels)
+    for a, b in ((0, 7), (7, 31), (31, 60)):
+        parts.add(maps[a:b], images[a:b], labels[a:b])
+
+    names = ["mean", "class_contrast", "mean_spread", "restorability"]
+    for cell, keep in ((2, 6), (4, 2)):
+        x = pooled_images(images, cell)  # the covariance as it was computed on the whole split
+        for c in range(3):
+            x[labels == c] -= x[labels == c].mean(axis=0)
+        np.testing.assert_allclose(parts.within_class_covariance(cell), x.T @ x / 60, rtol=1e-10, atol=1e-15)
+        one, many = set_templates(whole, names, cell, keep), set_templates(parts, names, cell, keep)
+        for name in names:
+            np.testing.assert_allclose(many[name], one[name], rtol=1e-12)
+            np.testing.assert_array_equal(
+                template_mask(name, many[name], cell, 0.5, (8, 8)), template_mask(name, one[name], cell, 0.5, (8, 8))
+            )
+    np.testing.assert_allclose(parts.mean(), maps.mean(axis=0), rtol=1e-6)
+    means = np.stack([maps[labels == c].mean(axis=0) for c in range(3)])
+    np.testing.assert_allclose(
+        set_templates(parts, ["class_contrast"], 2, 6)["class_contrast"], means.std(axis=0), rtol=1e-5
+    )

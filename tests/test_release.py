@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 from desensitize.release import RELEASE_JSON, channel_mean, load_released, verify_release
 from desensitize.splits import load_split
+from desensitize.stages.ingest import ingest
 from desensitize.stages.masks import generate_masks
 from desensitize.storage import sha256_file, write_arrays
 
@@ -113,15 +115,15 @@ def released(tiny_project, tmp_path: Path) -> Paths:
     return paths
 
 
-def _rewrite_shard(paths: Paths, change) -> None:
-    """Edit the train shard and re-sign it, so that only the content check can catch the change."""
-    shard = paths.release / "train-000.npz"
+def _rewrite_shard(paths: Paths, change, k: int = 0) -> None:
+    """Edit train shard k and re-sign it, so that only the content check can catch the change."""
+    shard = paths.release / f"train-{k:03d}.npz"
     with np.load(shard) as data:
         arrays = {name: data[name].copy() for name in data.files}
     change(arrays)
     write_arrays(shard, **arrays)
     release = json.loads((paths.release / RELEASE_JSON).read_text())
-    release["shards"]["train"][0]["sha256"] = sha256_file(shard)
+    release["shards"]["train"][k]["sha256"] = sha256_file(shard)
     (paths.release / RELEASE_JSON).write_text(json.dumps(release))
 
 
@@ -276,7 +278,7 @@ def test_verify_checks_the_declared_grid_and_ratios_against_the_masks(released: 
 
 def test_verify_checks_the_declared_fill_against_the_raw_data_and_the_hidden_pixels(released: Paths, monkeypatch):
     original = (released.release / RELEASE_JSON).read_text()
-    mean = channel_mean(load_split(released.raw, "train")).tolist()
+    mean = channel_mean([load_split(released.raw, "train").images]).tolist()
     assert mean != [0]
     cases = [
         (
@@ -339,3 +341,45 @@ def test_a_rerun_of_the_masks_stage_writes_byte_identical_outputs(tiny_project, 
     assert outputs() == first
     assert metrics["attribution_images_per_second"] > 0  # returned to the MLflow run, kept out of the file
     assert "attribution_images_per_second" not in json.loads(paths.report("masks").read_text())
+
+
+@pytest.mark.parametrize(
+    "masks",
+    [{}, {"template": "mean", "scope": "image", "fill": "noise"}],
+    ids=["set-search", "image-noise"],
+)
+def test_a_release_made_shard_by_shard_is_the_one_shard_release(tiny_project, tmp_path: Path, masks: dict):
+    """Raw data in 100-image shards (11 train shards): the stage attributes, gathers the template
+    statistics, masks, writes and verifies shard by shard, and must release the same images under the
+    same mask, after the same search, as from one shard; verification names a defect in a later shard
+    by its index in the split."""
+    one = _copy(tiny_project, tmp_path / "one")
+    params = tiny_params(**masks)
+    sharded = params.model_copy(update={"data": params.data.model_copy(update={"shard_size": 100})})
+    many = Paths(tmp_path / "many")
+    ingest(sharded, many)
+    shutil.copytree(one.reference_model.parent, many.reference_model.parent)
+    assert len(json.loads((many.raw / "manifest.json").read_text())["shards"]["train"]) > 2
+
+    expected, got = generate_masks(params, one, device="cpu"), generate_masks(sharded, many, device="cpu")
+    expected.pop("attribution_images_per_second"), got.pop("attribution_images_per_second")
+    assert got == expected  # the search's every candidate and score, the reference's accuracies
+    for split in ("train", "test"):
+        a, b = load_released(one.release, split), load_released(many.release, split)
+        for name in ("images", "labels", "masks"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert len(_checksums(many)) > 2 and verify_release(many.release, many.raw) == {
+        **verify_release(one.release, one.raw),
+        "release": str(many.release),
+    }
+
+    raw = load_split(many.raw, "train").images
+    hidden = (load_released(many.release, "train").masks[:, None] == 0) & (raw > 0)
+    i, c, y, x = (int(v) for v in np.argwhere(hidden[200:300])[0])
+
+    def leak(arrays):
+        arrays["images"][i, c, y, x] = raw[200 + i, c, y, x]
+
+    _rewrite_shard(many, leak, k=2)
+    with pytest.raises(DesensitizeError, match=rf"train image {200 + i}, channel {c}, pixel \(row {y}, col {x}\)"):
+        verify_release(many.release, many.raw)

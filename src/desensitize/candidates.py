@@ -21,10 +21,10 @@ from desensitize.errors import DesensitizeError
 from desensitize.mask_search import Candidate
 from desensitize.masks import geometric_mask, grid_shape, mask_from_maps, n_hidden_cells, random_masks
 from desensitize.release import FILL_STREAMS
-from desensitize.splits import Split
-from desensitize.templates import per_image_saliency_masks, set_templates, template_mask
+from desensitize.storage import Shards
+from desensitize.templates import TemplateStats, per_image_saliency_masks, set_templates, template_mask
 
-MasksFor = Callable[[str, Split], np.ndarray]  # (split name, split) -> its (H, W) or (N, H, W) masks
+MasksFor = Callable[[str, Shards], np.ndarray]  # (split name, its shards) -> its (H, W) or (N, H, W) masks
 
 
 def _axes(cfg: MaskParams) -> tuple[list[str], list[int], list[float], list[str]]:
@@ -54,19 +54,36 @@ def check_grid(cfg: MaskParams, height: int, width: int) -> None:
                 )
 
 
+def template_stats(cfg: MaskParams) -> TemplateStats | None:
+    """Empty statistics for the set templates of masks.* (covariances at every searched cell size when
+    `restorability` is among them); None when no candidate is a set-scope saliency mask."""
+    templates, cells, _, scopes = _axes(cfg)
+    if cfg.strategy != "saliency" or "set" not in scopes:
+        return None
+    return TemplateStats(cells if "restorability" in templates else ())
+
+
+def needs_maps(cfg: MaskParams) -> bool:
+    """Whether a candidate is a per-image saliency mask, made from every train image's own map."""
+    return cfg.strategy == "saliency" and "image" in _axes(cfg)[3]
+
+
 def candidates(
     cfg: MaskParams,
-    train: Split,
+    train: Shards,
+    size: tuple[int, int],
     seed: int,
     *,
+    stats: TemplateStats | None = None,
     maps: np.ndarray | None = None,
     model: torch.nn.Module | None = None,
     device: torch.device | None = None,
 ) -> list[Candidate]:
-    """The candidates of masks.* for these train images; `maps` (the train images' attribution against
-    their labels), `model` and `device` (the reference, for per-image masks of other splits) are needed
-    by the saliency strategy."""
-    _, _, height, width = train.images.shape
+    """The candidates of masks.* for the train split (`size`: its images' height and width). The saliency
+    strategy needs `stats` (see template_stats) for set-scope candidates, and for per-image ones `maps`
+    (the train images' attribution against their labels) and `model` and `device` (the reference, for the
+    per-image masks of other splits)."""
+    height, width = size
     check_grid(cfg, height, width)
     templates, cells, ratios, scopes = _axes(cfg)
     out: list[Candidate] = []
@@ -79,7 +96,7 @@ def candidates(
         if cfg.strategy == "saliency" and scope == "set":
             if cell not in templates_at:
                 keep = gh * gw - min(n_hidden_cells(gh * gw, r) for r in ratios)
-                templates_at[cell] = set_templates(maps, train, templates, cell, keep)
+                templates_at[cell] = set_templates(stats, templates, cell, keep)
             for name, template in templates_at[cell].items():
                 mask = template_mask(name, template, cell, ratio, (height, width))
                 out.append(_fixed(f"{name} {label}", {**base, "template": name}, mask, template))
@@ -90,7 +107,7 @@ def candidates(
         elif cfg.strategy == "random":
             draws = len(templates) if cfg.template == "search" else 1
             for draw in range(draws):
-                masks_for = _random(scope, cell, ratio, seed, draw)
+                masks_for = _random(scope, size, cell, ratio, seed, draw)
                 name = f"random{f' {draw}' if draws > 1 else ''} {scope} {label}"
                 out.append(
                     _candidate(name, {**base, "template": None, "draw": draw}, masks_for("train", train), masks_for)
@@ -115,22 +132,24 @@ def _per_image_saliency(
     """Train images are masked from their attribution against their labels; any other split against
     the reference model's predictions (labels are unknown where the masks are used)."""
 
-    def masks_for(name: str, split: Split) -> np.ndarray:
+    def masks_for(name: str, shards: Shards) -> np.ndarray:
         if name == "train":
             return train_masks
-        return per_image_saliency_masks(model, split.images, cfg.attribution, cell, ratio, device, seed)
+        return np.concatenate(
+            [per_image_saliency_masks(model, a["images"], cfg.attribution, cell, ratio, device, seed) for a in shards]
+        )
 
     return masks_for
 
 
-def _random(scope: str, cell: int, ratio: float, seed: int, draw: int) -> MasksFor:
+def _random(scope: str, size: tuple[int, int], cell: int, ratio: float, seed: int, draw: int) -> MasksFor:
     """Draw 0 is the pipeline's usual random mask (plain_random, the attack stage's comparison)."""
+    height, width = size
 
-    def masks_for(name: str, split: Split) -> np.ndarray:
-        _, _, height, width = split.images.shape
+    def masks_for(name: str, shards: Shards) -> np.ndarray:
         if scope == "set":
             return random_masks(None, height, width, cell, ratio, seed, stream=draw)
         stream = FILL_STREAMS[name] + 100 * draw
-        return random_masks(len(split.images), height, width, cell, ratio, seed, stream=stream)
+        return random_masks(len(shards), height, width, cell, ratio, seed, stream=stream)
 
     return masks_for

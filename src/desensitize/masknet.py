@@ -31,6 +31,12 @@ def with_mask_channel(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.concatenate([images, (masks[:, None] * 255).astype(np.uint8)], axis=1)
 
 
+def masknet_input(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The MaskNet input of a batch of released arrays (`images`, `masks`): built per batch, never for a
+    whole set (see training.TrainingData)."""
+    return with_mask_channel(arrays["images"], arrays["masks"])
+
+
 class FeatureSelection(nn.Module):
     """Spatial and/or channel gates. `rezero`: gate = 1 + a * tanh(g) with a learned scalar a that
     starts at 0 (the block is exactly the identity, and stays close to it until it helps);

@@ -90,11 +90,11 @@ def mask_from_maps(maps: np.ndarray, cell: int, ratio: float, spread: bool = Fal
     return expand(hide_lowest(scores, n_hidden), height, width, cell)
 
 
-def class_contrast(maps: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Between-class spread of attribution, (N, H, W) maps -> (H, W): the std over classes of each
-    class's mean map. High where the evidence differs from class to class; low where every class
-    puts its attribution alike (e.g. the centre every garment covers), which a mean template favours."""
-    return np.stack([maps[labels == c].mean(axis=0) for c in np.unique(labels)]).std(axis=0)
+def class_contrast(class_means: np.ndarray) -> np.ndarray:
+    """Between-class spread of attribution, (K, H, W) per-class mean maps -> (H, W): their std over
+    classes. High where the evidence differs from class to class; low where every class puts its
+    attribution alike (e.g. the centre every garment covers), which a mean template favours."""
+    return class_means.std(axis=0)
 
 
 def random_masks(

@@ -18,7 +18,7 @@ import numpy as np
 from desensitize.config import SplitParams
 from desensitize.errors import DesensitizeError
 from desensitize.paths import SPLITS
-from desensitize.storage import read_shards, read_versioned_json, sha256_file
+from desensitize.storage import Shards, read_versioned_json, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -73,11 +73,15 @@ def split_digest(raw_dir: Path, split: str) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-def load_split(raw_dir: Path, split: str) -> Split:
-    """Read one split, checking every shard against the sha256 in the manifest."""
+def split_shards(raw_dir: Path, split: str) -> Shards:
+    """One split's shards, read one at a time, each checked against the sha256 in the manifest."""
     if split not in SPLITS:
         raise DesensitizeError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    raw_dir = Path(raw_dir)
-    manifest = read_manifest(raw_dir)
-    arrays = read_shards(raw_dir, manifest["shards"][split], hint="run the ingest stage again")
-    return Split(arrays["images"], arrays["labels"], tuple(manifest["class_names"]))
+    entries = read_manifest(raw_dir)["shards"][split]
+    return Shards(Path(raw_dir), tuple(entries), hint="run the ingest stage again")
+
+
+def load_split(raw_dir: Path, split: str) -> Split:
+    """Read one split whole (for the callers whose data is small), every shard checked."""
+    arrays = split_shards(raw_dir, split).read_all()
+    return Split(arrays["images"], arrays["labels"], tuple(read_manifest(raw_dir)["class_names"]))

@@ -15,14 +15,16 @@ import contextlib
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -159,28 +161,98 @@ def read_arrays(path: Path) -> dict[str, np.ndarray]:
         raise DesensitizeError(f"{path}: unreadable shard ({exc})") from None
 
 
-def write_shards(directory: Path, prefix: str, shard_size: int, **arrays: np.ndarray) -> list[dict[str, Any]]:
-    """Write aligned arrays (same first dimension) as `<prefix>-000.npz`, ...; returns the shard entries."""
-    count = len(next(iter(arrays.values())))
+def rechunk(pieces: Iterable[dict[str, np.ndarray]], sizes: Iterable[int]) -> Iterator[dict[str, np.ndarray]]:
+    """The rows of aligned array pieces (same names, same first dimension within a piece), cut again into
+    pieces of `sizes` rows; the last is short when the rows run out first. Holds at most one output
+    piece plus one input piece."""
+    sizes, held = iter(sizes), None
+    size = next(sizes, None)
+    for piece in pieces:
+        held = piece if held is None else {name: np.concatenate([held[name], piece[name]]) for name in piece}
+        while size is not None and len(next(iter(held.values()))) >= size:
+            yield {name: array[:size] for name, array in held.items()}
+            held = {name: array[size:] for name, array in held.items()}
+            size = next(sizes, None)
+    if held is not None and size is not None and len(next(iter(held.values()))):
+        yield held
+
+
+def write_shard_stream(
+    directory: Path, prefix: str, shard_size: int, pieces: Iterable[dict[str, np.ndarray]]
+) -> list[dict[str, Any]]:
+    """Write aligned array pieces, in any sizes, as `<prefix>-000.npz`, ... of `shard_size` rows each (the
+    last may be short), holding about one shard at a time; returns the shard entries. The bytes depend
+    only on the rows and the shard size, not on how the pieces were cut."""
     entries = []
-    for k, start in enumerate(range(0, count, shard_size)):
+    for k, arrays in enumerate(rechunk(pieces, itertools.repeat(shard_size))):
         file = f"{prefix}-{k:03d}.npz"
-        write_arrays(Path(directory) / file, **{name: a[start : start + shard_size] for name, a in arrays.items()})
-        entries.append(
-            {"file": file, "images": min(shard_size, count - start), "sha256": sha256_file(Path(directory) / file)}
-        )
+        write_arrays(Path(directory) / file, **arrays)
+        count = len(next(iter(arrays.values())))
+        entries.append({"file": file, "images": count, "sha256": sha256_file(Path(directory) / file)})
     return entries
 
 
-def read_shards(directory: Path, entries: list[dict[str, Any]], hint: str) -> dict[str, np.ndarray]:
-    """Read shards written by `write_shards`, refusing any whose sha256 differs from its entry."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for entry in entries:
-        path = Path(directory) / entry["file"]
+def write_shards(directory: Path, prefix: str, shard_size: int, **arrays: np.ndarray) -> list[dict[str, Any]]:
+    """Write aligned arrays (same first dimension) as `<prefix>-000.npz`, ...; returns the shard entries."""
+    return write_shard_stream(directory, prefix, shard_size, [arrays])
+
+
+class ShardSource(Protocol):
+    """Aligned arrays (same first dimension) in shards that can be read one at a time, in any order."""
+
+    @property
+    def sizes(self) -> list[int]: ...
+
+    def read(self, k: int) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """Arrays already in memory, as a source of one shard."""
+
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(next(iter(self.arrays.values())))]
+
+    def read(self, k: int) -> dict[str, np.ndarray]:
+        return self.arrays
+
+
+@dataclass(frozen=True)
+class Shards:
+    """A split written by `write_shards`, read one shard at a time: whoever walks it holds one shard,
+    so peak memory depends on the shard size, not on how many images the split has. Every shard is
+    checked against its recorded sha256 when it is read; `hint` says what to do about one that differs."""
+
+    directory: Path
+    entries: tuple[dict[str, Any], ...]
+    hint: str
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(entry["images"]) for entry in self.entries]
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def read(self, k: int) -> dict[str, np.ndarray]:
+        """Shard k's arrays, refusing a missing shard or one whose sha256 differs from its entry."""
+        path = Path(self.directory) / self.entries[k]["file"]
         if not path.is_file():
-            raise DesensitizeError(f"{path}: shard is missing; {hint}")
-        if sha256_file(path) != entry["sha256"]:
-            raise DesensitizeError(f"{path}: checksum differs from the recorded sha256; {hint}")
-        for name, array in read_arrays(path).items():
-            parts.setdefault(name, []).append(array)
-    return {name: np.concatenate(arrays) for name, arrays in parts.items()}
+            raise DesensitizeError(f"{path}: shard is missing; {self.hint}")
+        if sha256_file(path) != self.entries[k]["sha256"]:
+            raise DesensitizeError(f"{path}: checksum differs from the recorded sha256; {self.hint}")
+        return read_arrays(path)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return (self.read(k) for k in range(len(self.entries)))
+
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every shard concatenated: for the readers whose data is small (or that need it whole)."""
+        parts: dict[str, list[np.ndarray]] = {}
+        for arrays in self:
+            for name, array in arrays.items():
+                parts.setdefault(name, []).append(array)
+        return {name: np.concatenate(arrays) for name, arrays in parts.items()}

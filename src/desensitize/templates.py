@@ -8,6 +8,8 @@ keeps the cells holding the most of it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,27 +27,68 @@ from desensitize.masks import (
     mask_from_maps,
     n_hidden_cells,
 )
-from desensitize.splits import Split
 from desensitize.training import fit_and_score, predict, to_float
 
 RESTORABILITY_RIDGE = 1e-3  # ridge on the visible pixels' covariance (pixel values in [0, 1])
 RESTORABILITY_DETAIL = 4  # per cell side, the pooled values restorability is computed on
 
 
-def set_templates(maps: np.ndarray, train: Split, names: list[str], cell: int, keep: int) -> dict[str, np.ndarray]:
+class TemplateStats:
+    """What every set template needs from the train split, accumulated shard by shard so that neither the
+    images nor their attribution maps are ever held whole: per class, the count and the sum of the maps;
+    for each cell size of `cells` (the `restorability` template), per class the sum of the pooled images
+    (see pooled_images) and over all images the sum of their cross-products. Float64 sums: the
+    templates do not depend on how the split is sharded (beyond rounding at 1e-16, far below any
+    difference between cells)."""
+
+    def __init__(self, cells: Iterable[int] = ()) -> None:
+        self.counts: dict[int, int] = {}
+        self.map_sums: dict[int, np.ndarray] = {}
+        self.feature_sums: dict[int, dict[int, np.ndarray]] = {cell: {} for cell in cells}
+        self.cross: dict[int, np.ndarray] = {}
+
+    def add(self, maps: np.ndarray, images: np.ndarray, labels: np.ndarray) -> None:
+        """One shard: its (N, H, W) attribution maps, uint8 (N, C, H, W) images and labels."""
+        maps = np.asarray(maps, dtype=np.float64)
+        features = {cell: pooled_images(images, cell) for cell in self.feature_sums}
+        for c in np.unique(labels).tolist():
+            members = labels == c
+            self.counts[c] = self.counts.get(c, 0) + int(members.sum())
+            self.map_sums[c] = self.map_sums.get(c, 0) + maps[members].sum(axis=0)
+            for cell, x in features.items():
+                self.feature_sums[cell][c] = self.feature_sums[cell].get(c, 0) + x[members].sum(axis=0)
+        for cell, x in features.items():
+            self.cross[cell] = self.cross.get(cell, 0) + x.T @ x
+
+    def mean(self) -> np.ndarray:
+        """The mean attribution map."""
+        return sum(self.map_sums.values()) / sum(self.counts.values())
+
+    def class_means(self) -> np.ndarray:
+        """(K, H, W): each class's mean map, classes in label order (those present only)."""
+        return np.stack([self.map_sums[c] / self.counts[c] for c in sorted(self.counts)])
+
+    def within_class_covariance(self, cell: int) -> np.ndarray:
+        """Covariance of the pooled images around their class means (see pooled_images): (P, P)."""
+        n = sum(self.counts.values())
+        between = sum(np.outer(s, s) / self.counts[c] for c, s in self.feature_sums[cell].items())
+        return (self.cross[cell] - between) / max(n, 1)
+
+
+def set_templates(stats: TemplateStats, names: list[str], cell: int, keep: int) -> dict[str, np.ndarray]:
     """Set-scope templates: name -> (H, W) map (for `restorability`, the (gh, gw) rank scores at `cell`)
-    of the train attribution maps. `mean`: the mean map; `class_contrast`: the between-class spread
-    (masks.class_contrast); `mean_spread`: the mean map, its cells kept apart when masked
-    (masks.spread_ranks); `restorability`: see restorability_ranks (ranked up to `keep` cells)."""
+    of the train attribution maps, from their statistics. `mean`: the mean map; `class_contrast`: the
+    between-class spread (masks.class_contrast); `mean_spread`: the mean map, its cells kept apart when
+    masked (masks.spread_ranks); `restorability`: see restorability_ranks (ranked up to `keep` cells)."""
     out = {}
     for name in names:
         if name in ("mean", "mean_spread"):
-            out[name] = maps.mean(axis=0)
+            out[name] = stats.mean()
         elif name == "class_contrast":
-            out[name] = class_contrast(maps, train.labels)
+            out[name] = class_contrast(stats.class_means())
         else:
-            evidence = cell_scores(class_contrast(maps, train.labels), cell)
-            out[name] = restorability_ranks(evidence, train.images, train.labels, cell, keep)
+            evidence = cell_scores(class_contrast(stats.class_means()), cell)
+            out[name] = restorability_ranks(evidence, stats.within_class_covariance(cell), keep)
     return out
 
 
@@ -57,20 +100,17 @@ def template_mask(name: str, template: np.ndarray, cell: int, ratio: float, shap
     return mask_from_maps(template, cell, ratio, spread=name == "mean_spread")
 
 
-def within_class_covariance(images: np.ndarray, labels: np.ndarray, cell: int) -> np.ndarray:
-    """Covariance of the images around their class means, on the images average-pooled to at most
-    RESTORABILITY_DETAIL x RESTORABILITY_DETAIL values per cell (channels averaged): (P, P), P = cells x
-    detail^2, in grid-cell-major order so cell k owns columns [k * d^2, (k + 1) * d^2)."""
+def pooled_images(images: np.ndarray, cell: int) -> np.ndarray:
+    """The images average-pooled to at most RESTORABILITY_DETAIL x RESTORABILITY_DETAIL values per cell
+    (channels averaged), float64 (N, P), P = cells x detail^2, in grid-cell-major order so cell k owns
+    columns [k * d^2, (k + 1) * d^2): what restorability is computed on."""
     _, _, height, width = images.shape
     gh, gw = grid_shape(height, width, cell)
     d = min(cell, RESTORABILITY_DETAIL)
     x = to_float(images).mean(dim=1, keepdim=True)
     x = F.pad(x, (0, gw * cell - width, 0, gh * cell - height))
     x = F.adaptive_avg_pool2d(x, (gh * d, gw * d)).numpy().astype(np.float64)
-    x = x.reshape(len(x), gh, d, gw, d).transpose(0, 1, 3, 2, 4).reshape(len(x), -1)
-    for c in np.unique(labels):
-        x[labels == c] -= x[labels == c].mean(axis=0)
-    return x.T @ x / max(len(x), 1)
+    return x.reshape(len(x), gh, d, gw, d).transpose(0, 1, 3, 2, 4).reshape(len(x), -1)
 
 
 def restorability(cov: np.ndarray, kept: np.ndarray) -> float:
@@ -87,18 +127,15 @@ def restorability(cov: np.ndarray, kept: np.ndarray) -> float:
     return float(np.sum(s_vh * np.linalg.solve(s_vv, s_vh)) / total)
 
 
-def restorability_ranks(
-    evidence: np.ndarray, images: np.ndarray, labels: np.ndarray, cell: int, keep: int
-) -> np.ndarray:
+def restorability_ranks(evidence: np.ndarray, cov: np.ndarray, keep: int) -> np.ndarray:
     """The privacy-aware template, (gh, gw) rank scores (higher = kept sooner): cells are kept greedily,
     each time the one that adds the most class evidence (its share of `evidence`, the between-class
-    spread of attribution per cell) minus the restorability it adds (see `restorability`, on the train
-    images): both are shares, so a cell is worth keeping when it tells more about the class than it lets
-    an attacker redraw of the rest. The first `keep` cells are ranked in the order chosen, the others
-    after them by evidence."""
+    spread of attribution per cell) minus the restorability it adds (see `restorability`, on `cov`, the
+    train images' within-class covariance): both are shares, so a cell is worth keeping when it tells
+    more about the class than it lets an attacker redraw of the rest. The first `keep` cells are ranked
+    in the order chosen, the others after them by evidence."""
     gh, gw = evidence.shape
     share = evidence.ravel() / max(float(evidence.sum()), 1e-12)
-    cov = within_class_covariance(images, labels, cell)
     kept = np.zeros(gh * gw, dtype=np.uint8)
     ranks = share / 2  # below every greedy rank (>= 1)
     current = 0.0

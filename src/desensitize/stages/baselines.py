@@ -10,15 +10,19 @@ from typing import Any
 from desensitize.config import Params
 from desensitize.paths import Paths
 from desensitize.release import random_release_of, read_release_info
-from desensitize.splits import load_split
-from desensitize.training import best_device, fit_comparison
+from desensitize.splits import split_shards
+from desensitize.training import TrainingData, best_device, fit_comparison
 
 
 def train_baselines(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns each model's last epoch (loss, train accuracy) and wall time."""
     info = read_release_info(paths.release)
-    raw = load_split(paths.raw, "train")
-    inputs = {"raw": raw.images, "plain_random": random_release_of(info, {"train": raw}, params.seed)["train"].images}
+    raw = split_shards(paths.raw, "train")  # read one shard at a time
+    shape = tuple(info.image_shape)
+    inputs = {
+        "raw": TrainingData(raw, shape),
+        "plain_random": TrainingData(random_release_of(info, {"train": raw}, params.seed)["train"], shape),
+    }
     return fit_comparison(
-        params.train, paths, inputs, raw.labels, raw.class_names, seed=params.seed, device=best_device(device)
+        params.train, paths, inputs, None, info.class_names, seed=params.seed, device=best_device(device)
     )

@@ -16,42 +16,43 @@ import numpy as np
 from desensitize.cards import accuracy_with_interval
 from desensitize.checkpoints import load_checkpoint
 from desensitize.config import Params
-from desensitize.masknet import with_mask_channel
+from desensitize.masknet import masknet_input
 from desensitize.paths import MODELS, Paths
 from desensitize.privacy import wilson_interval
-from desensitize.release import load_released, random_release_of, read_release_info
+from desensitize.release import random_release_of, read_release_info, released_shards
 from desensitize.reports import confusion_matrix
 from desensitize.results import write_results
-from desensitize.splits import load_split
+from desensitize.splits import split_shards
 from desensitize.storage import atomic_path
-from desensitize.training import accuracy_report, best_device, predict
+from desensitize.training import accuracy_report, best_device, images_of, predict_shards
 
 
 def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns the report written to reports/evaluate/report.json (headline: metrics/evaluate.json)."""
     info = read_release_info(paths.release)
-    released = load_released(paths.release, "test")
-    raw = load_split(paths.raw, "test")
-    rand = random_release_of(info, {"test": raw}, params.seed)["test"]
+    released = released_shards(paths.release, "test")  # every test set is read one shard at a time
+    raw = split_shards(paths.raw, "test")
     inputs = {
-        "raw": raw.images,
-        "plain_random": rand.images,
-        "plain": released.images,
-        "masknet": with_mask_channel(released.images, released.masks),
+        "raw": (raw, images_of),
+        "plain_random": (random_release_of(info, {"test": raw}, params.seed)["test"], images_of),
+        "plain": (released, images_of),
+        "masknet": (released, masknet_input),
     }
+    class_names = tuple(info.class_names)
     torch_device = best_device(device)
     accuracy, interval, per_class = {}, {}, {}
     for name in MODELS:
         model, _ = load_checkpoint(paths.model(name), torch_device)
-        predictions = predict(model, inputs[name], torch_device)
-        report = accuracy_report(predictions, raw.labels, raw.class_names)
+        source, build = inputs[name]
+        predictions, labels = predict_shards(model, source, torch_device, build)
+        report = accuracy_report(predictions, labels, class_names)
         accuracy[name], per_class[name] = report["accuracy"], report["per_class_accuracy"]
-        interval[name] = list(wilson_interval(int((predictions == raw.labels).sum()), len(raw.labels)))
-        k = len(raw.class_names)
-        matrix = np.bincount(raw.labels * k + predictions, minlength=k * k).reshape(k, k)
+        interval[name] = list(wilson_interval(int((predictions == labels).sum()), len(labels)))
+        k = len(class_names)
+        matrix = np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k)
         confusion_matrix(
             matrix,
-            raw.class_names,
+            class_names,
             paths.evaluate_reports / f"confusion_{name}.png",
             f"{name}: accuracy {report['accuracy']:.3f}",
         )
@@ -64,7 +65,7 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
         "saliency_over_random": accuracy["plain"] - accuracy["plain_random"],
         "per_class_accuracy": per_class,
         "mask": info.model_dump(include={"strategy", "method", "scope", "hidden_ratio", "cell", "fill"}),
-        "n_test": len(raw.labels),
+        "n_test": len(raw),
     }
     _table(paths, metrics)
     write_results(paths, "evaluate", metrics)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -28,7 +29,7 @@ from desensitize.attack_suite import (
     limits,
 )
 from desensitize.attribution import attribution_maps
-from desensitize.candidates import candidates, check_grid
+from desensitize.candidates import candidates, check_grid, needs_maps, template_stats
 from desensitize.checkpoints import load_checkpoint
 from desensitize.compute import Executor, executor
 from desensitize.config import Params
@@ -39,20 +40,18 @@ from desensitize.paths import Paths
 from desensitize.privacy import linkage_chance
 from desensitize.release import (
     FILL_STREAMS,
+    MaskedShards,
     MaskSettings,
-    ReleasedSplit,
     channel_mean,
-    mask_images,
-    masked,
-    random_counterpart,
+    random_release,
     verify_release,
     write_release,
 )
 from desensitize.reports import heatmap, image_grid
 from desensitize.results import write_results
-from desensitize.splits import Split, load_split
-from desensitize.storage import atomic_dir, write_json
-from desensitize.templates import held_out_utility, search_split
+from desensitize.splits import Split, load_split, read_manifest, split_shards
+from desensitize.storage import InMemory, Shards, atomic_dir, write_json
+from desensitize.templates import TemplateStats, held_out_utility, search_split
 from desensitize.training import best_device, predict, to_float
 
 log = logging.getLogger(__name__)
@@ -60,55 +59,43 @@ log = logging.getLogger(__name__)
 
 def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns the report (desensitize.results) and the attribution speed
-    (for the MLflow run only: a wall-clock figure would make identical reruns differ for DVC)."""
+    (for the MLflow run only: a wall-clock figure would make identical reruns differ for DVC).
+    The raw splits are read one shard at a time (attribution, release, verification, the reference's
+    accuracies); only the mask search (several candidates, see _choose) holds the train split whole."""
     cfg = params.masks
-    splits = {name: load_split(paths.raw, name) for name in ("train", "test")}
-    train, test = splits["train"], splits["test"]
-    _, channels, height, width = train.images.shape
+    manifest = read_manifest(paths.raw)
+    channels, height, width = manifest["image_shape"]
+    shards = {name: split_shards(paths.raw, name) for name in ("train", "test")}
     check_grid(cfg, height, width)  # a bad grid fails before any work
     torch_device = best_device(device)
     model, _ = load_checkpoint(paths.reference_model, torch_device)
 
-    maps, rate = None, None
-    if cfg.strategy == "saliency":
-        start = time.perf_counter()
-        maps = attribution_maps(
-            model,
-            to_float(train.images),
-            torch.as_tensor(train.labels),
-            cfg.attribution,
-            device=torch_device,
-            seed=params.seed,
-        ).numpy()
-        rate = len(train.images) / (time.perf_counter() - start)
-        log.info("%s attribution: %.0f images/s on %s", cfg.attribution.method, rate, torch_device)
-    found = candidates(cfg, train, params.seed, maps=maps, model=model, device=torch_device)
-    mean = channel_mean(train)
+    stats, maps, mean, rate = _scan_train(params, shards["train"], model, torch_device)
+    found = candidates(
+        cfg, shards["train"], (height, width), params.seed, stats=stats, maps=maps, model=model, device=torch_device
+    )
     with executor(params.compute) as ex:
-        chosen, record = _choose(params, paths, found, train, mean, model, torch_device, ex)
-    masks = {name: chosen.extra["masks_for"](name, split) for name, split in splits.items()}
-    released = masked(splits, masks, cfg.fill, mean, params.seed)
+        chosen, record = _choose(
+            params, paths, found, shards["train"], manifest["class_names"], mean, model, torch_device, ex
+        )
+    masks = {name: chosen.extra["masks_for"](name, split) for name, split in shards.items()}
 
     settings_of = chosen.settings
     gh, gw = grid_shape(height, width, settings_of["cell"])
-    random_test = random_counterpart(
-        cfg.model_copy(
-            update={
-                "strategy": "random",
-                "scope": settings_of["scope"],
-                "cell": settings_of["cell"],
-                "hidden_ratio": settings_of["hidden_ratio_requested"],
-            }
-        ),
-        {"test": test},
-        mean,
-        params.seed,
-    )["test"].images
-    accuracy = {
-        "raw": float((predict(model, test.images, torch_device) == test.labels).mean()),
-        "masked": float((predict(model, released["test"].images, torch_device) == test.labels).mean()),
-        "random": float((predict(model, random_test, torch_device) == test.labels).mean()),
+    random_cfg = cfg.model_copy(
+        update={
+            "strategy": "random",
+            "scope": settings_of["scope"],
+            "cell": settings_of["cell"],
+            "hidden_ratio": settings_of["hidden_ratio_requested"],
+        }
+    )
+    released = {
+        name: MaskedShards(split, masks[name], cfg.fill, mean, params.seed, FILL_STREAMS[name])
+        for name, split in shards.items()
     }
+    random_test = random_release(random_cfg, {"test": shards["test"]}, (height, width), mean, params.seed)["test"]
+    accuracy = _reference_accuracy(model, shards["test"], released["test"], random_test, torch_device)
     settings = MaskSettings(
         strategy=cfg.strategy,
         method=cfg.attribution.method if cfg.strategy == "saliency" else None,
@@ -119,7 +106,7 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         privacy=cfg.privacy,
         hidden_ratio_requested=settings_of["hidden_ratio_requested"],
         hidden_ratio=settings_of["hidden_ratio"],
-        hidden_ratio_pixels=float(1 - released["train"].masks.mean()),
+        hidden_ratio_pixels=float(1 - masks["train"].mean()),
         cell=settings_of["cell"],
         grid=(gh, gw),
         n_cells=gh * gw,
@@ -128,14 +115,16 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
         fill_value=mean.tolist() if cfg.fill == "mean" else [0] * channels,
         fill_seed=params.seed if cfg.fill == "noise" else None,
         image_shape=[channels, height, width],
-        class_names=list(test.class_names),
+        class_names=list(manifest["class_names"]),
         search=record,
     )
+
     with atomic_dir(paths.release) as tmp:
         write_release(tmp, released, settings=settings, shard_size=params.data.shard_size)
         verify_release(tmp, paths.raw)  # nothing unverified ever lands in data/release
 
-    _figures(paths, chosen, released, train)
+    first = shards["train"].read(0)
+    _figures(paths, chosen, masks["train"], first["images"], released["train"].masked(first, 0)["images"])
     metrics = {
         **settings.model_dump(
             include={
@@ -176,22 +165,26 @@ def _choose(
     params: Params,
     paths: Paths,
     found: list[Candidate],
-    train: Split,
+    train_shards: Shards,
+    class_names: list[str],
     mean: np.ndarray,
     model: torch.nn.Module,
     device: torch.device,
     ex: Executor,
 ) -> tuple[Candidate, dict[str, Any] | None]:
     """The candidate to release and the search's record (None for a single candidate without the gate);
-    the candidates are scored as units on `ex`, the full gate's attacker probes too."""
+    the candidates are scored as units on `ex`, the full gate's attacker probes too. The search trains on
+    and attacks every candidate's masked train images: it reads the split whole."""
     cfg, seed = params.masks, params.seed
     if cfg.privacy == "none" and len(found) == 1:
         return found[0], None
+    arrays = train_shards.read_all()
+    train = Split(arrays["images"], arrays["labels"], tuple(class_names))
     held_out = search_split(len(train.images), params)
     n_classes = len(train.class_names)
 
     def released(c: Candidate) -> np.ndarray:
-        return mask_images(train, c.masks, cfg.fill, mean, seed, FILL_STREAMS["train"])
+        return MaskedShards(InMemory(arrays), c.masks, cfg.fill, mean, seed, FILL_STREAMS["train"]).read(0)["images"]
 
     def utility(c: Candidate) -> float:
         return held_out_utility(
@@ -250,7 +243,9 @@ def _choose(
     return result.chosen, result.record()
 
 
-def _figures(paths: Paths, chosen: Candidate, released: dict[str, ReleasedSplit], raw: Split) -> None:
+def _figures(paths: Paths, chosen: Candidate, masks: np.ndarray, raw: np.ndarray, released: np.ndarray) -> None:
+    """The template, where the train masks leave pixels visible, and the first train images (`raw`,
+    `released`: the first shard's) before and after."""
     out = paths.masks_reports
     template = chosen.extra.get("template")
     if template is not None:
@@ -261,11 +256,71 @@ def _figures(paths: Paths, chosen: Candidate, released: dict[str, ReleasedSplit]
             "restorability": "cell rank: class evidence minus restorability",
         }
         heatmap(template, out / "template.png", f"critical template ({title[chosen.settings['template']]}, train)")
-    visible = released["train"].masks.mean(axis=0)
+    visible = masks.mean(axis=0) if masks.ndim == 3 else masks.astype(np.float64)
     heatmap(visible, out / "mask.png", "mask: share of images where a pixel is visible", cmap="gray")
-    k = min(8, len(raw.images))
-    image_grid(
-        [("raw", raw.images[:k]), ("released", released["train"].images[:k])],
-        out / "samples.png",
-        "raw vs released (train)",
-    )
+    k = min(8, len(raw))
+    image_grid([("raw", raw[:k]), ("released", released[:k])], out / "samples.png", "raw vs released (train)")
+
+
+def _scan_train(
+    params: Params, train: Shards, model: torch.nn.Module, device: torch.device
+) -> tuple[TemplateStats | None, np.ndarray | None, np.ndarray, float | None]:
+    """One pass over the train shards: the channel mean (the `mean` fill) and, for the saliency strategy,
+    each shard's attribution against its labels, folded into the set templates' statistics; the maps are
+    kept whole only when per-image masks are candidates. Returns (statistics, maps, channel mean,
+    attribution images/s). Shard k is attributed with seed + k: one shard gives what one call over the
+    whole split gives; for the stochastic methods (gradient_shap, noise tunnel) several shards draw
+    differently (and gradient_shap's mean-image baseline is the shard's)."""
+    cfg = params.masks
+    stats = template_stats(cfg)
+    keep_maps = needs_maps(cfg)
+    saliency = stats is not None or keep_maps
+    all_maps: list[np.ndarray] = []
+    seconds = 0.0
+
+    def images() -> Iterator[np.ndarray]:
+        nonlocal seconds
+        for k, arrays in enumerate(train):
+            if saliency:
+                start = time.perf_counter()
+                images, labels = arrays["images"], arrays["labels"]
+                maps = attribution_maps(
+                    model,
+                    to_float(images),
+                    torch.as_tensor(labels),
+                    cfg.attribution,
+                    device=device,
+                    seed=params.seed + k,
+                ).numpy()
+                seconds += time.perf_counter() - start
+                if stats is not None:
+                    stats.add(maps, images, labels)
+                if keep_maps:
+                    all_maps.append(maps)
+            yield arrays["images"]
+
+    mean = channel_mean(images())
+    if not saliency:
+        return None, None, mean, None
+    rate = len(train) / seconds
+    log.info("%s attribution: %.0f images/s on %s", cfg.attribution.method, rate, device)
+    return stats, np.concatenate(all_maps) if keep_maps else None, mean, rate
+
+
+def _reference_accuracy(
+    model: torch.nn.Module, test: Shards, released: MaskedShards, randomised: MaskedShards, device: torch.device
+) -> dict[str, float]:
+    """The reference model's accuracy on the raw test images, under the release's masks and under a seeded
+    random mask of the same ratio, grid and fill (both made of `test`); each test shard is read once."""
+    n = len(test)
+    correct, start = dict.fromkeys(("raw", "masked", "random"), 0), 0
+    for arrays in test:
+        inputs = {
+            "raw": arrays["images"],
+            "masked": released.masked(arrays, start)["images"],
+            "random": randomised.masked(arrays, start)["images"],
+        }
+        for name, images in inputs.items():
+            correct[name] += int((predict(model, images, device) == arrays["labels"]).sum())
+        start += len(arrays["labels"])
+    return {name: count / n for name, count in correct.items()}

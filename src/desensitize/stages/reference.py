@@ -13,8 +13,8 @@ from desensitize.config import Params
 from desensitize.distributed import world
 from desensitize.paths import Paths
 from desensitize.results import write_results
-from desensitize.splits import load_split
-from desensitize.training import accuracy_report, best_device, fit, predict
+from desensitize.splits import read_manifest, split_shards
+from desensitize.training import TrainingData, accuracy_report, best_device, fit, predict_shards
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +22,17 @@ log = logging.getLogger(__name__)
 def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns the report (desensitize.results) and the wall time (for
     the MLflow run only: a wall-clock figure would make identical reruns differ for DVC)."""
-    train = load_split(paths.raw, "train")
-    test = load_split(paths.raw, "test")
+    manifest = read_manifest(paths.raw)
+    class_names = tuple(manifest["class_names"])
+    train = TrainingData(split_shards(paths.raw, "train"), tuple(manifest["image_shape"]))
     torch_device = best_device(device)
     cfg = params.reference
-    log.info("training reference %s on %d images (%s)", cfg.backbone, len(train.images), torch_device)
+    log.info("training reference %s on %d images (%s)", cfg.backbone, len(train.source), torch_device)
     model, history = fit(
         cfg,
-        train.images,
-        train.labels,
-        train.class_names,
+        train,
+        None,
+        class_names,
         seed=params.seed,
         masknet=False,
         device=torch_device,
@@ -39,15 +40,16 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
         history_path=paths.reference_history,
         name="reference",
     )
-    report = accuracy_report(predict(model, test.images, torch_device), test.labels, test.class_names)
+    predictions, test_labels = predict_shards(model, split_shards(paths.raw, "test"), torch_device)
+    report = accuracy_report(predictions, test_labels, class_names)
     metrics = {
         "test_accuracy": report["accuracy"],
         "per_class_accuracy": report["per_class_accuracy"],
         "train_accuracy": history.epochs[-1]["train_accuracy"],
         "epochs": cfg.epochs,
         "backbone": cfg.backbone,
-        "n_train": len(train.images),
-        "n_test": len(test.images),
+        "n_train": len(train.source),
+        "n_test": len(test_labels),
         "device": torch_device.type,
     }
     if world().is_main:  # under torchrun the other ranks only help train

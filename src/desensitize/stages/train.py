@@ -9,17 +9,21 @@ from __future__ import annotations
 from typing import Any
 
 from desensitize.config import Params
-from desensitize.masknet import with_mask_channel
+from desensitize.masknet import masknet_input
 from desensitize.paths import Paths
-from desensitize.release import load_released, read_release_info
-from desensitize.training import best_device, fit_comparison
+from desensitize.release import read_release_info, released_shards
+from desensitize.training import TrainingData, best_device, fit_comparison
 
 
 def train_on_release(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns each model's last epoch (loss, train accuracy) and wall time."""
     info = read_release_info(paths.release)
-    train = load_released(paths.release, "train")
-    inputs = {"plain": train.images, "masknet": with_mask_channel(train.images, train.masks)}
+    shards = released_shards(paths.release, "train")  # read one shard at a time
+    channels, height, width = info.image_shape
+    inputs = {
+        "plain": TrainingData(shards, (channels, height, width)),
+        "masknet": TrainingData(shards, (channels + 1, height, width), masknet_input),
+    }
     return fit_comparison(
-        params.train, paths, inputs, train.labels, info.class_names, seed=params.seed, device=best_device(device)
+        params.train, paths, inputs, None, info.class_names, seed=params.seed, device=best_device(device)
     )
