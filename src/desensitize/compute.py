@@ -159,11 +159,13 @@ def _client(where: str, cfg: ComputeParams) -> Iterator[Any]:
         except OSError as exc:
             raise DesensitizeError(f"compute.scheduler = {where}: cannot reach the Dask scheduler ({exc})") from None
         with client:
+            client.forward_logging("desensitize", level=logging.INFO)  # the units' progress, in this process's log
             yield client
         return
     kwargs = cluster_kwargs(cfg)
     with dask.config.set({"distributed.scheduler.allowed-failures": cfg.retries}):
         with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
+            client.forward_logging("desensitize", level=logging.INFO)
             log.info(
                 "Dask LocalCluster: %d worker processes, %d torch thread(s) per unit", kwargs["n_workers"], cfg.threads
             )

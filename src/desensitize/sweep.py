@@ -217,9 +217,7 @@ def run_point(run: Run, out: Path, attack: bool, device: str) -> dict[str, Any]:
     paths = Paths(base.root / run.name)
     _link(base.raw, paths.raw)
     _link(base.reference_model, paths.reference_model)
-    row = _run_point(run.params, paths, run.point, attack, device)
-    log.info("sweep point %s (seed %d): %s", run.name, run.params.seed, {k: row.get(k) for k in ACCURACY})
-    return row
+    return _run_point(run.params, paths, run.point, attack, device)
 
 
 def run_sweep(
@@ -262,9 +260,13 @@ def run_sweep(
 
         def done(i: int, row: dict[str, Any]) -> None:
             rows[i] = row
+            finished = sum(r is not None for r in rows)
+            name, seed = runs[i].name, runs[i].params.seed
+            accuracies = {k: row.get(k) for k in ACCURACY}
+            log.info("sweep point %s (seed %d), %d of %d: %s", name, seed, finished, len(runs), accuracies)
             _write(out, [r for r in rows if r is not None], attack)
             if parent:
-                log_sweep_point(parent, f"{runs[i].name}-seed-{runs[i].params.seed}", runs[i].params, row)
+                log_sweep_point(parent, f"{name}-seed-{seed}", runs[i].params, row)
 
         ex.map(partial(prepare_seed, params, out, device), seeds, gpu=gpu, name="sweep-seed")
         ex.map(partial(run_point, out=out, attack=attack, device=device), runs, gpu=gpu, name="sweep-point", done=done)
