@@ -91,11 +91,14 @@ class Units(Protocol):
 class Executor:
     """Runs units; `map` returns their results in the order of the units. On `local` the cluster starts at
     the first `map` of two or more units (a stage with one unit never pays for it) and stops with the
-    `executor` context."""
+    `executor` context; where it would have one worker (cores <= threads, or one GPU) the units run
+    in this process instead."""
 
     def __init__(self, cfg: ComputeParams, stack: contextlib.ExitStack | None = None) -> None:
         self.cfg = cfg
         self.where = "sync" if stack is None or _IN_UNIT else scheduler(cfg)
+        if self.where == "local" and cluster_kwargs(cfg)["n_workers"] == 1:
+            self.where = "sync"  # a cluster of one worker runs the same units, only later
         self._stack = stack
         self._client: Any = None
 

@@ -207,7 +207,7 @@ class ComputeParams(_Section):
     workers: int | None = Field(None, ge=1, le=4096)  # local: worker processes; None: CPU cores // threads (1 per GPU)
     # torch CPU threads each unit runs with, on any scheduler: torch splits its reductions by thread count,
     # so the same unit gives the same bits only with the same threads.
-    threads: int = Field(1, ge=1, le=1024)
+    threads: int = Field(2, ge=1, le=1024)
     retries: int = Field(2, ge=0, le=100)  # local: times a unit whose worker died is run again
 
 
