@@ -70,7 +70,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "masks",
             "desensitize.stages.masks:generate_masks",
-            params=("seed", "data.shard_size", "masks", "reference", "attack"),
+            params=("seed", "data.shard_size", "masks", "reference", "attack", "compute.threads"),
             reads=("raw/train", "raw/test", "raw/public", "model/reference"),
             writes=("release",),
             artifacts=lambda p: (
@@ -85,7 +85,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "attack",
             "desensitize.stages.attack:run_attack",
-            params=("seed", "attack"),
+            params=("seed", "attack", "compute.threads"),
             reads=("raw/train", "raw/public", "release", "attack-sample", "model/reference"),
             artifacts=lambda p: (
                 p.attack_metrics,
