@@ -46,8 +46,9 @@ def cores() -> int:
 
 
 def cluster_kwargs(cfg: ComputeParams) -> dict[str, Any]:
-    """LocalCluster arguments for `cfg`: one single-threaded worker process per `threads` cores (one per
-    GPU on a CUDA machine, declaring the GPU resource), no dashboard, no memory-limit restarts."""
+    """LocalCluster arguments for `cfg`: `cfg.workers` worker processes, by default one per `threads` cores
+    (one on a CUDA machine), each running one unit at a time and declaring the GPU resource where CUDA is
+    present; no dashboard, no memory-limit restarts."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     workers = cfg.workers or (1 if gpus else max(1, cores() // cfg.threads))
     return {
