@@ -16,9 +16,10 @@ under 1.3): 4x the images cost time, not memory.
     python benchmarks/scale.py                    # N = 50,000 and 200,000 (hours on 2 busy cores)
     python benchmarks/scale.py --n 5000 --shard-size 1250   # 4 and 16 train shards, ~15 min
 
-On 2 cores shared with another benchmark (2026-11-28, torch 2.14.1 CPU): with `--n 5000 --shard-size
-1250`, masks stage 841 -> 889 MiB (1.06x), masknet epoch 928 -> 1002 MiB (1.08x); about 570 MiB of
-that is the imports (torch, captum, MLflow).
+2026-11-28, torch 2.14.1 CPU, 2 cores: `--n 12500` (10,000-image shards), masks stage 927 -> 921 MiB
+(0.99x), masknet epoch 974 -> 980 MiB (1.01x); `--n 5000 --shard-size 1250` (cores shared with another
+benchmark), 841 -> 889 MiB (1.06x) and 928 -> 1002 MiB (1.08x). About 570 MiB is the imports (torch,
+captum, MLflow).
 """
 
 from __future__ import annotations
