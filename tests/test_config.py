@@ -147,7 +147,7 @@ def test_check_params_passes_the_repository_params_file(tmp_path: Path):
 @pytest.mark.parametrize(
     ("change", "missing"),
     [
-        (lambda p: p.clear(), "missing seed, data, reference, masks, attack, train;"),
+        (lambda p: p.clear(), "missing seed, data, reference, masks, attack, compute.threads, train;"),
         (lambda p: p.pop("train"), "missing train;"),
         (lambda p: p["data"].pop("shard_size"), "missing data.shard_size;"),
         (lambda p: p["data"].pop("path"), "missing data.path;"),
