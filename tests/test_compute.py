@@ -79,6 +79,22 @@ def test_a_unit_whose_worker_dies_is_run_again_with_the_same_result(monkeypatch,
         assert [value for _, value in results] == ex.map(_draw, units)
 
 
+def _nested(unit: int) -> tuple[str, list[float]]:
+    """A unit that maps units of its own (a sweep point running a mask search)."""
+    with executor(CLUSTER) as inner:
+        return inner.where, inner.map(_draw, [unit, unit + 1])
+
+
+def test_units_a_unit_starts_run_in_its_process(monkeypatch):
+    monkeypatch.delenv(SCHEDULER_ENV)
+    with executor(CLUSTER) as ex:
+        results = ex.map(_nested, [0, 2])
+    with executor(ComputeParams(scheduler="sync", threads=1)) as ex:
+        expected = ex.map(_draw, [0, 1, 2, 3])
+    assert [where for where, _ in results] == ["sync", "sync"]  # no cluster inside a worker
+    assert [v for _, values in results for v in values] == expected
+
+
 def test_a_unit_error_reaches_the_caller(monkeypatch):
     monkeypatch.delenv(SCHEDULER_ENV)
 

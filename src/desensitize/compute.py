@@ -16,6 +16,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -25,7 +26,8 @@ from desensitize.errors import DesensitizeError
 
 log = logging.getLogger(__name__)
 SCHEDULER_ENV = "DESENSITIZE_SCHEDULER"  # overrides compute.scheduler
-_IN_UNIT = False  # set while a unit runs: the units it starts run in its process (a worker has no cluster)
+# True while a unit runs: the units it starts run in its process (a worker has no cluster of its own)
+_IN_UNIT: ContextVar[bool] = ContextVar("desensitize_in_unit", default=False)
 U = TypeVar("U")
 R = TypeVar("R")
 
@@ -64,15 +66,14 @@ def cluster_kwargs(cfg: ComputeParams) -> dict[str, Any]:
 
 def run_unit(fn: Callable[[U], R], threads: int, unit: U) -> R:
     """fn(unit) with `threads` torch CPU threads (restored afterwards). Units it starts run in its process."""
-    global _IN_UNIT
-    previous, outer = torch.get_num_threads(), _IN_UNIT
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    _IN_UNIT = True
+    token = _IN_UNIT.set(True)
     try:
         return fn(unit)
     finally:
         torch.set_num_threads(previous)
-        _IN_UNIT = outer
+        _IN_UNIT.reset(token)
 
 
 class Units(Protocol):
@@ -97,7 +98,7 @@ class Executor:
 
     def __init__(self, cfg: ComputeParams, stack: contextlib.ExitStack | None = None) -> None:
         self.cfg = cfg
-        self.where = "sync" if stack is None or _IN_UNIT else scheduler(cfg)
+        self.where = "sync" if stack is None or _IN_UNIT.get() else scheduler(cfg)
         if self.where == "local" and cluster_kwargs(cfg)["n_workers"] == 1:
             self.where = "sync"  # a cluster of one worker runs the same units, only later
         self._stack = stack
