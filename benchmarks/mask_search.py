@@ -12,7 +12,8 @@ screen's agreement with the full gate; then the margin (saliency - random) as me
 A search that finds no passing candidate is reported as such (accuracy: none). Rows go to --out.
 
     python benchmarks/mask_search.py --seeds 0,1,2
-    python benchmarks/mask_search.py --source fashion-mnist --path DIR --split 0.06,0.02,0.02
+    python benchmarks/mask_search.py --source fashion-mnist --path DIR --split 0.06,0.02,0.02 \
+        --hidden-ratios 0.75,0.875,0.9375,0.96
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--source", default=None, help="data.source (default: the params file's)")
     parser.add_argument("--path", default=None, help="data.path (fashion-mnist: the IDX directory)")
     parser.add_argument("--split", default=None, help="train,test,public fractions (default: the params file's)")
+    parser.add_argument("--hidden-ratios", default=None, help="masks.search.hidden_ratios, comma-separated")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--strategies", default="saliency,random", help="masks.strategy values to search")
     parser.add_argument("--device", default="auto")
@@ -177,6 +179,9 @@ def main() -> None:
         data.update(source=args.source, path=args.path)
     if args.split:
         data["split"] = dict(zip(("train", "test", "public"), (float(x) for x in args.split.split(",")), strict=True))
+    if args.hidden_ratios:
+        search = base.setdefault("masks", {}).setdefault("search", {})
+        search["hidden_ratios"] = [float(x) for x in args.hidden_ratios.split(",")]
     device = best_device(args.device)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
