@@ -160,13 +160,22 @@ def _write(rows: list[dict[str, Any]], out: Path) -> None:
         writer.writerows(rows)
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings not given below")
     parser.add_argument("--source", default=None, help="data.source (default: the params file's)")
     parser.add_argument("--path", default=None, help="data.path (fashion-mnist: the IDX directory)")
     parser.add_argument("--split", default=None, help="train,test,public fractions (default: the params file's)")
-    parser.add_argument("--hidden-ratios", default=None, help="masks.search.hidden_ratios, comma-separated")
+    parser.add_argument(
+        "--hidden-ratios", type=_ratios, default=None, help="masks.search.hidden_ratios, e.g. 0.75,0.96"
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--strategies", default="saliency,random", help="masks.strategy values to search")
     parser.add_argument("--device", default="auto")
@@ -181,7 +190,7 @@ def main() -> None:
         data["split"] = dict(zip(("train", "test", "public"), (float(x) for x in args.split.split(",")), strict=True))
     if args.hidden_ratios:
         search = base.setdefault("masks", {}).setdefault("search", {})
-        search["hidden_ratios"] = [float(x) for x in args.hidden_ratios.split(",")]
+        search["hidden_ratios"] = args.hidden_ratios
     device = best_device(args.device)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
