@@ -18,7 +18,14 @@ from desensitize.masks import (
     random_masks,
     spread_ranks,
 )
-from desensitize.templates import TemplateStats, pooled_images, set_templates, template_mask
+from desensitize.templates import (
+    TemplateStats,
+    pooled_images,
+    restorability,
+    restorability_ranks,
+    set_templates,
+    template_mask,
+)
 
 
 def _hidden_cells(masks: np.ndarray, cell: int) -> np.ndarray:
@@ -163,13 +170,40 @@ def test_set_templates_do_not_depend_on_how_the_train_split_is_sharded():
             x[labels == c] -= x[labels == c].mean(axis=0)
         np.testing.assert_allclose(parts.within_class_covariance(cell), x.T @ x / 60, rtol=1e-10, atol=1e-15)
         one, many = set_templates(whole, names, cell, keep), set_templates(parts, names, cell, keep)
+        assert list(one) == names and [one[name][:2] for name in names] == [
+            ("mean", None),
+            ("class_contrast", None),
+            ("mean_spread", None),
+            ("restorability", 1.0),
+        ]
         for name in names:
-            np.testing.assert_allclose(many[name], one[name], rtol=1e-12)
+            np.testing.assert_allclose(many[name][2], one[name][2], rtol=1e-12)
             np.testing.assert_array_equal(
-                template_mask(name, many[name], cell, 0.5, (8, 8)), template_mask(name, one[name], cell, 0.5, (8, 8))
+                template_mask(name, many[name][2], cell, 0.5, (8, 8)),
+                template_mask(name, one[name][2], cell, 0.5, (8, 8)),
             )
     np.testing.assert_allclose(parts.mean(), maps.mean(axis=0), rtol=1e-6)
     means = np.stack([maps[labels == c].mean(axis=0) for c in range(3)])
     np.testing.assert_allclose(
-        set_templates(parts, ["class_contrast"], 2, 6)["class_contrast"], means.std(axis=0), rtol=1e-5
+        set_templates(parts, ["class_contrast"], 2, 6)["class_contrast"][2], means.std(axis=0), rtol=1e-5
     )
+    weighted = set_templates(parts, ["restorability"], 2, 6, [1.0, 0.25])
+    assert list(weighted) == ["restorability", "restorability w0.25"]
+    assert [v[:2] for v in weighted.values()] == [("restorability", 1.0), ("restorability", 0.25)]
+
+
+def test_the_restorability_weight_trades_what_the_rest_gives_away_for_class_evidence():
+    # 2x2 cells of one pooled value each: cells 0 and 1 are the same pixel (each predicts the other),
+    # cells 2 and 3 independent noise; cell 0 carries the most class evidence.
+    cov = np.array([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    evidence = np.array([[0.4, 0.3], [0.15, 0.15]])
+    assert restorability(cov, np.array([[1, 0], [0, 0]])) == pytest.approx(1 / 3, rel=1e-2)  # cell 1 of 3 hidden
+
+    def kept(weight: float, keep: int) -> set[int]:
+        ranks = restorability_ranks(evidence, cov, keep, weight).ravel()
+        return set(np.argsort(-ranks, kind="stable")[:keep].tolist())
+
+    assert kept(1.0, 1) == {2}  # 0.4 - 1/3 < 0.15 - 0: the cell that gives nothing of the rest away
+    assert kept(1.0, 2) == {2, 3}
+    assert kept(0.25, 1) == {0}  # 0.4 - 1/12 > 0.15: evidence weighs more
+    assert kept(0.0, 2) == {0, 1}  # evidence alone

@@ -91,6 +91,21 @@ def test_template_search_releases_the_mask_of_the_best_scoring_candidate(tiny_pr
     np.testing.assert_array_equal(load_released(searched.release, "train").masks[0], masks[best])
 
 
+def test_each_restorability_weight_is_a_template_and_the_random_search_gets_as_many_draws(tiny_project, tmp_path):
+    search = {**TINY_SEARCH, "templates": ["mean", "restorability"], "restorability_weights": [1.0, 0.25]}
+    names, weights = {}, {}
+    for strategy in ("saliency", "random"):
+        paths = _copy(tiny_project, tmp_path / strategy)
+        record = generate_masks(tiny_params(strategy=strategy, search=search), paths, device="cpu")["search"]
+        names[strategy] = [c["name"] for c in record["candidates"]]
+        weights[strategy] = [c.get("restorability_weight") for c in record["candidates"]]
+    assert names["saliency"] == ["mean c2 h0.5", "restorability c2 h0.5", "restorability w0.25 c2 h0.5"]
+    assert names["random"] == [f"random {k} set c2 h0.5" for k in range(3)]  # the same budget
+    assert weights == {"saliency": [None, 1.0, 0.25], "random": [None] * 3}
+    with pytest.raises(DesensitizeError, match="restorability_weights"):
+        tiny_params(search={**search, "restorability_weights": [0.5, 0.5]})
+
+
 def test_a_holdout_too_small_names_the_key_and_writes_nothing(tiny_project, tmp_path: Path):
     paths = _copy(tiny_project, tmp_path)
     with pytest.raises(DesensitizeError, match=r"masks.search.holdout = 0.0001 holds out 0 of \d+ train images"):

@@ -1,7 +1,7 @@
 """The masks the `masks` stage chooses among: one per setting of masks.* (template, cell, hidden ratio,
 scope), or with masks.template = search the grid of masks.search (templates x cells x hidden ratios x
-scopes; for the `random` strategy as many seeded random draws per cell and ratio as there are
-templates, the same search budget).
+scopes; for the `random` strategy as many seeded random draws per cell and ratio as there are set
+templates, `restorability` counted once per weight: the same search budget).
 
 Each candidate carries its train mask(s), what the search scores, and a rule that gives the masks of
 any other split once it is chosen (per-image saliency masks are attributed only then).
@@ -32,6 +32,11 @@ def _axes(cfg: MaskParams) -> tuple[list[str], list[int], list[float], list[str]
         s = cfg.search
         return list(s.templates), list(s.cells), list(s.hidden_ratios), list(s.scopes or [cfg.scope])
     return [cfg.template], [cfg.cell], [cfg.hidden_ratio], [cfg.scope]
+
+
+def _weights(cfg: MaskParams) -> list[float]:
+    """The restorability template's weights: masks.search.restorability_weights in a search, else 1."""
+    return list(cfg.search.restorability_weights) if cfg.template == "search" else [1.0]
 
 
 def check_grid(cfg: MaskParams, height: int, width: int) -> None:
@@ -86,8 +91,9 @@ def candidates(
     height, width = size
     check_grid(cfg, height, width)
     templates, cells, ratios, scopes = _axes(cfg)
+    searched = cfg.template == "search"
     out: list[Candidate] = []
-    templates_at: dict[int, dict[str, np.ndarray]] = {}  # per cell: made once for every ratio
+    templates_at: dict[int, dict] = {}  # per cell: made once for every ratio (see set_templates)
     for scope, cell, ratio in product(scopes, cells, ratios):
         gh, gw = grid_shape(height, width, cell)
         realised = n_hidden_cells(gh * gw, ratio) / (gh * gw)
@@ -96,16 +102,17 @@ def candidates(
         if cfg.strategy == "saliency" and scope == "set":
             if cell not in templates_at:
                 keep = gh * gw - min(n_hidden_cells(gh * gw, r) for r in ratios)
-                templates_at[cell] = set_templates(stats, templates, cell, keep)
-            for name, template in templates_at[cell].items():
+                templates_at[cell] = set_templates(stats, templates, cell, keep, _weights(cfg))
+            for tag, (name, weight, template) in templates_at[cell].items():
                 mask = template_mask(name, template, cell, ratio, (height, width))
-                out.append(_fixed(f"{name} {label}", {**base, "template": name}, mask, template))
+                settings = {**base, "template": name, **({} if weight is None else {"restorability_weight": weight})}
+                out.append(_fixed(f"{tag} {label}", settings, mask, template))
         elif cfg.strategy == "saliency":
             train_masks = mask_from_maps(maps, cell, ratio)
             masks_for = _per_image_saliency(cfg, cell, ratio, train_masks, model, device, seed)
             out.append(_candidate(f"image {label}", {**base, "template": None}, train_masks, masks_for))
         elif cfg.strategy == "random":
-            draws = len(templates) if cfg.template == "search" else 1
+            draws = len(templates) + (len(_weights(cfg)) - 1) * ("restorability" in templates) if searched else 1
             for draw in range(draws):
                 masks_for = _random(scope, size, cell, ratio, seed, draw)
                 name = f"random{f' {draw}' if draws > 1 else ''} {scope} {label}"

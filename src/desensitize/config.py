@@ -115,6 +115,8 @@ class SearchParams(_Section):
         default=["mean", "class_contrast", "mean_spread", "restorability"], min_length=1
     )
     cells: list[int] = Field(default=[7, 4], min_length=1)
+    # `restorability`: one template per weight of its restorability term (1: evidence and restorability alike)
+    restorability_weights: list[float] = Field(default=[1.0], min_length=1)
     hidden_ratios: list[float] = Field(default=[0.75, 0.875, 0.9375], min_length=1)
     # null: masks.scope only; [set, image]: per-image masks join the search
     scopes: list[Literal["set", "image"]] | None = Field(default=None, min_length=1)
@@ -127,6 +129,9 @@ class SearchParams(_Section):
             raise ValueError(f"hidden_ratios {self.hidden_ratios}: each must be in (0, 1)")
         if any(not 1 <= c <= 512 for c in self.cells):
             raise ValueError(f"cells {self.cells}: each must be in [1, 512]")
+        weights = self.restorability_weights
+        if any(not 0 <= w <= 100 for w in weights) or len(set(weights)) < len(weights):
+            raise ValueError(f"restorability_weights {weights}: each must be in [0, 100], none twice")
         return self
 
 

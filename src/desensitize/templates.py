@@ -75,20 +75,30 @@ class TemplateStats:
         return (self.cross[cell] - between) / max(n, 1)
 
 
-def set_templates(stats: TemplateStats, names: list[str], cell: int, keep: int) -> dict[str, np.ndarray]:
-    """Set-scope templates: name -> (H, W) map (for `restorability`, the (gh, gw) rank scores at `cell`)
-    of the train attribution maps, from their statistics. `mean`: the mean map; `class_contrast`: the
-    between-class spread (masks.class_contrast); `mean_spread`: the mean map, its cells kept apart when
-    masked (masks.spread_ranks); `restorability`: see restorability_ranks (ranked up to `keep` cells)."""
+def template_label(name: str, weight: float | None) -> str:
+    """A set template's name in candidate names: `restorability` at a weight other than 1 carries it."""
+    return name if weight in (None, 1.0) else f"{name} w{weight:g}"
+
+
+def set_templates(
+    stats: TemplateStats, names: list[str], cell: int, keep: int, weights: list[float] = (1.0,)
+) -> dict[str, tuple[str, float | None, np.ndarray]]:
+    """Set-scope templates: label (see template_label) -> (name, restorability weight or None, (H, W) map;
+    for `restorability`, the (gh, gw) rank scores at `cell`) of the train attribution maps, from their
+    statistics. `mean`: the mean map; `class_contrast`: the between-class spread (masks.class_contrast);
+    `mean_spread`: the mean map, its cells kept apart when masked (masks.spread_ranks); `restorability`:
+    see restorability_ranks (ranked up to `keep` cells), one per weight of `weights`."""
     out = {}
     for name in names:
         if name in ("mean", "mean_spread"):
-            out[name] = stats.mean()
+            out[name] = (name, None, stats.mean())
         elif name == "class_contrast":
-            out[name] = class_contrast(stats.class_means())
+            out[name] = (name, None, class_contrast(stats.class_means()))
         else:
             evidence = cell_scores(class_contrast(stats.class_means()), cell)
-            out[name] = restorability_ranks(evidence, stats.within_class_covariance(cell), keep)
+            cov = stats.within_class_covariance(cell)
+            for w in weights:
+                out[template_label(name, w)] = (name, w, restorability_ranks(evidence, cov, keep, w))
     return out
 
 
@@ -127,13 +137,14 @@ def restorability(cov: np.ndarray, kept: np.ndarray) -> float:
     return float(np.sum(s_vh * np.linalg.solve(s_vv, s_vh)) / total)
 
 
-def restorability_ranks(evidence: np.ndarray, cov: np.ndarray, keep: int) -> np.ndarray:
+def restorability_ranks(evidence: np.ndarray, cov: np.ndarray, keep: int, weight: float = 1.0) -> np.ndarray:
     """The privacy-aware template, (gh, gw) rank scores (higher = kept sooner): cells are kept greedily,
     each time the one that adds the most class evidence (its share of `evidence`, the between-class
-    spread of attribution per cell) minus the restorability it adds (see `restorability`, on `cov`, the
-    train images' within-class covariance): both are shares, so a cell is worth keeping when it tells
-    more about the class than it lets an attacker redraw of the rest. The first `keep` cells are ranked
-    in the order chosen, the others after them by evidence."""
+    spread of attribution per cell) minus `weight` times the restorability it adds (see `restorability`,
+    on `cov`, the train images' within-class covariance): both are shares, so at weight 1 a cell is worth
+    keeping when it tells more about the class than it lets an attacker redraw of the rest; a smaller
+    weight trades more of the rest for evidence (weight 0: class evidence alone). The first `keep` cells
+    are ranked in the order chosen, the others after them by evidence."""
     gh, gw = evidence.shape
     share = evidence.ravel() / max(float(evidence.sum()), 1e-12)
     kept = np.zeros(gh * gw, dtype=np.uint8)
@@ -145,7 +156,7 @@ def restorability_ranks(evidence: np.ndarray, cov: np.ndarray, keep: int) -> np.
             kept[c] = 1
             r = restorability(cov, kept.reshape(gh, gw))
             kept[c] = 0
-            gain = share[c] - max(r - current, 0.0)
+            gain = share[c] - weight * max(r - current, 0.0)
             if gain > best_gain:
                 best, best_gain, best_r = c, gain, r
         kept[best], ranks[best], current = 1, gh * gw - step, best_r

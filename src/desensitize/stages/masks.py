@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -70,7 +70,7 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     torch_device = best_device(device)
     model, _ = load_checkpoint(paths.reference_model, torch_device)
 
-    stats, maps, mean, rate = _scan_train(params, shards["train"], model, torch_device)
+    stats, maps, mean, rate = scan_train(params, shards["train"], model, torch_device)
     found = candidates(
         cfg, shards["train"], (height, width), params.seed, stats=stats, maps=maps, model=model, device=torch_device
     )
@@ -161,6 +161,95 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     return {**metrics, "attribution_images_per_second": rate}
 
 
+class Measures:
+    """What the search measures of a candidate's train masks, on the train split held whole: `utility`
+    (held-out accuracy of a model trained through them, see templates.held_out_utility), `screen` (the
+    learned attacker shortened, masks.search.screen) and `full` (the gate's attack suite, kept in the
+    attack cache), each score judged as the gate judges it. `limits`: the gate's thresholds in each
+    score's units; `chance`: the attacked sample's linkage chance. Its methods travel to a cluster's
+    workers as units, the object with them."""
+
+    def __init__(
+        self,
+        params: Params,
+        paths: Paths,
+        train_shards: Shards,
+        class_names: list[str],
+        mean: np.ndarray,
+        model: torch.nn.Module,
+        device: torch.device,
+    ) -> None:
+        self.params, self.paths, self.mean, self.model, self.device = params, paths, mean, model, device
+        self.arrays = train_shards.read_all()
+        self.train = Split(self.arrays["images"], self.arrays["labels"], tuple(class_names))
+        self.held_out = search_split(len(self.train.images), params)
+        self.n_classes = len(self.train.class_names)
+
+    def released(self, c: Candidate) -> np.ndarray:
+        fill, seed = self.params.masks.fill, self.params.seed
+        masked = MaskedShards(InMemory(self.arrays), c.masks, fill, self.mean, seed, FILL_STREAMS["train"])
+        return masked.read(0)["images"]
+
+    def utility(self, c: Candidate) -> float:
+        return held_out_utility(
+            self.released(c),
+            self.train.labels,
+            self.held_out,
+            self.params,
+            num_classes=self.n_classes,
+            device=self.device,
+            name=c.name,
+        )
+
+    @cached_property
+    def _attack(self) -> dict[str, Any]:
+        """The attacked sample and what every attack of a candidate shares (made once, when first needed)."""
+        attack, cfg, seed = self.params.attack, self.params.masks, self.params.seed
+        public = load_split(self.paths.raw, "public")
+        idx = attacked_sample(len(self.train.images), attack.sample, seed)
+        channels = self.train.images.shape[1]
+        return {
+            "public": public_data(public.images, public.labels),
+            "idx": idx,
+            "fill": release_fill(cfg.fill, self.mean.tolist() if cfg.fill == "mean" else [0] * channels, seed),
+            "chance": linkage_chance(len(idx), self.train.labels[idx], attack.gallery),
+            "common": {"num_classes": self.n_classes, "model": self.model, "device": self.device, "seed": seed},
+        }
+
+    @property
+    def chance(self) -> float:
+        return self._attack["chance"]
+
+    @property
+    def limits(self) -> dict[str, float]:
+        return limits(self.params.attack.thresholds, self.chance)
+
+    def _target(self, c: Candidate) -> tuple[Target, Any]:
+        a, train = self._attack, self.train
+        images, idx = self.released(c), self._attack["idx"]
+        masks = c.masks if c.masks.ndim == 3 else np.broadcast_to(c.masks, (len(images), *c.masks.shape))
+        t = Target(images[idx], np.ascontiguousarray(masks[idx]), train.images[idx], train.labels[idx])
+        release_data = self.params.attack.learned.release_data
+        return t, attacker_data(a["public"], images, masks, train.labels, c.settings["scope"], release_data)
+
+    def screen(self, c: Candidate) -> dict[str, float]:
+        s, attack = self.params.masks.search.screen, self.params.attack
+        cfg = attack.model_copy(update={"attackers": ["learned"]})
+        a = self._attack
+        result = attack_suite(
+            *self._target(c), a["fill"], cfg, **a["common"], widths=[s.width], epochs=s.epochs, scaling=False
+        )
+        return judged(result)
+
+    def full(self, c: Candidate, ex: Executor | None = None) -> dict[str, float]:
+        """The attack stage finds this run in the cache; `ex` runs the attacker's fits."""
+        a = self._attack
+        result = cached_attack_suite(
+            self.paths.attack_cache, *self._target(c), a["fill"], self.params.attack, **a["common"], ex=ex
+        )
+        return judged(result)
+
+
 def _choose(
     params: Params,
     paths: Paths,
@@ -175,66 +264,27 @@ def _choose(
     """The candidate to release and the search's record (None for a single candidate without the gate);
     the candidates are scored as units on `ex`, the full gate's attacker probes too. The search trains on
     and attacks every candidate's masked train images: it reads the split whole."""
-    cfg, seed = params.masks, params.seed
+    cfg = params.masks
     if cfg.privacy == "none" and len(found) == 1:
         return found[0], None
-    arrays = train_shards.read_all()
-    train = Split(arrays["images"], arrays["labels"], tuple(class_names))
-    held_out = search_split(len(train.images), params)
-    n_classes = len(train.class_names)
-
-    def released(c: Candidate) -> np.ndarray:
-        return MaskedShards(InMemory(arrays), c.masks, cfg.fill, mean, seed, FILL_STREAMS["train"]).read(0)["images"]
-
-    def utility(c: Candidate) -> float:
-        return held_out_utility(
-            released(c), train.labels, held_out, params, num_classes=n_classes, device=device, name=c.name
-        )
-
+    measures = Measures(params, paths, train_shards, class_names, mean, model, device)
     gpu = device.type == "cuda"
     if cfg.privacy == "none":
-        for c, u in zip(found, ex.map(utility, found, gpu=gpu, name="utility"), strict=True):
+        for c, u in zip(found, ex.map(measures.utility, found, gpu=gpu, name="utility"), strict=True):
             c.utility = u
             log.info("candidate %s: held-out accuracy %.4f", c.name, c.utility)
         chosen = max(found, key=lambda c: c.utility)  # ties: the first
         return chosen, {"chosen": chosen.name, "candidates": [c.record() for c in found]}
-
-    attack = params.attack
-    public = load_split(paths.raw, "public")
-    public_set = public_data(public.images, public.labels)
-    idx = attacked_sample(len(train.images), attack.sample, seed)
-    fill = release_fill(cfg.fill, mean.tolist() if cfg.fill == "mean" else [0] * train.images.shape[1], seed)
-    chance = linkage_chance(len(idx), train.labels[idx], attack.gallery)
-    bounds = limits(attack.thresholds, chance)
-    common = {"num_classes": n_classes, "model": model, "device": device, "seed": seed}
-    map_units = partial(ex.map, gpu=gpu, name="candidate")
-    screen_cfg = attack.model_copy(update={"attackers": ["learned"]})
-
-    def target(c: Candidate) -> tuple[Target, Any]:
-        images = released(c)
-        masks = c.masks if c.masks.ndim == 3 else np.broadcast_to(c.masks, (len(images), *c.masks.shape))
-        t = Target(images[idx], np.ascontiguousarray(masks[idx]), train.images[idx], train.labels[idx])
-        data = attacker_data(public_set, images, masks, train.labels, c.settings["scope"], attack.learned.release_data)
-        return t, data
-
-    def screen(c: Candidate) -> dict[str, float]:
-        s = cfg.search.screen
-        result = attack_suite(*target(c), fill, screen_cfg, **common, widths=[s.width], epochs=s.epochs, scaling=False)
-        return judged(result)
-
-    def full(c: Candidate) -> dict[str, float]:  # the attack stage finds this run in the cache
-        return judged(cached_attack_suite(paths.attack_cache, *target(c), fill, attack, **common, ex=ex))
-
     try:
         result = search(
             found,
-            utility=utility,
-            screen=screen,
-            full=full,
-            limits=bounds,
+            utility=measures.utility,
+            screen=measures.screen,
+            full=partial(measures.full, ex=ex),
+            limits=measures.limits,
             max_full_gates=cfg.search.max_full_gates,
-            base={"linkage_within_class": chance},
-            map_units=map_units,
+            base={"linkage_within_class": measures.chance},
+            map_units=partial(ex.map, gpu=gpu, name="candidate"),
         )
     except SearchFailed as failed:
         write_json(paths.masks_reports / "search.json", failed.result.record())
@@ -262,7 +312,7 @@ def _figures(paths: Paths, chosen: Candidate, masks: np.ndarray, raw: np.ndarray
     image_grid([("raw", raw[:k]), ("released", released[:k])], out / "samples.png", "raw vs released (train)")
 
 
-def _scan_train(
+def scan_train(
     params: Params, train: Shards, model: torch.nn.Module, device: torch.device
 ) -> tuple[TemplateStats | None, np.ndarray | None, np.ndarray, float | None]:
     """One pass over the train shards: the channel mean (the `mean` fill) and, for the saliency strategy,
