@@ -8,7 +8,7 @@ keeps the cells holding the most of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -81,7 +81,7 @@ def template_label(name: str, weight: float | None) -> str:
 
 
 def set_templates(
-    stats: TemplateStats, names: list[str], cell: int, keep: int, weights: list[float] = (1.0,)
+    stats: TemplateStats, names: list[str], cell: int, keep: int, weights: Sequence[float] = (1.0,)
 ) -> dict[str, tuple[str, float | None, np.ndarray]]:
     """Set-scope templates: label (see template_label) -> (name, restorability weight or None, (H, W) map;
     for `restorability`, the (gh, gw) rank scores at `cell`) of the train attribution maps, from their
