@@ -30,7 +30,7 @@ import yaml
 from desensitize.attribution import attribution_maps
 from desensitize.checkpoints import load_checkpoint
 from desensitize.config import parse_params
-from desensitize.mask_search import Candidate
+from desensitize.mask_search import Candidate, spearman
 from desensitize.masks import cell_scores, class_contrast, expand, grid_shape
 from desensitize.paths import Paths
 from desensitize.splits import read_manifest, split_shards
@@ -48,21 +48,21 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of cell indices: {text!r}") from None
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable") for x in (a, b))
-    return float(np.corrcoef(ra, rb)[0, 1])
+def evidence(stats: TemplateStats, cell: int) -> np.ndarray:
+    """Each cell's share of the between-class spread of the attribution `stats` were made of."""
+    scores = cell_scores(class_contrast(stats.class_means()), cell).ravel()
+    return scores / scores.sum()
 
 
-def evidence(measures: Measures, model: torch.nn.Module, method: str, cell: int, device: torch.device) -> np.ndarray:
-    """Each cell's share of the between-class spread of `method`'s attribution over the train split."""
+def attributed(measures: Measures, model: torch.nn.Module, method: str, device: torch.device) -> TemplateStats:
+    """The train split's attribution statistics under another method than the params'."""
     params = measures.params
     cfg = params.masks.attribution.model_copy(update={"method": method})
     images, labels = measures.train.images, measures.train.labels
     maps = attribution_maps(model, to_float(images), torch.as_tensor(labels), cfg, device=device, seed=params.seed)
     stats = TemplateStats()
     stats.add(maps.numpy(), images, labels)
-    scores = cell_scores(class_contrast(stats.class_means()), cell).ravel()
-    return scores / scores.sum()
+    return stats
 
 
 def main() -> None:
@@ -103,7 +103,11 @@ def main() -> None:
         if bad:
             parser.error(f"--full: cells {bad} are not on the {gh}x{gw} grid of {args.cell}-pixel cells")
         cov = stats.within_class_covariance(args.cell)
-        evidences = {m: evidence(measures, model, m, args.cell, device) for m in args.methods.split(",")}
+        own = params.masks.attribution.method  # scan_train's statistics are of this one
+        evidences = {
+            m: evidence(stats if m == own else attributed(measures, model, m, device), args.cell)
+            for m in args.methods.split(",")
+        }
         content = cell_scores(to_float(measures.train.images).numpy().mean(axis=(0, 1)), args.cell).ravel()
         content /= content.sum()
         rows = []
@@ -136,10 +140,10 @@ def main() -> None:
     for name in [f"evidence_{m}" for m in evidences] + ["restorability", "pixel_share"]:
         values = np.array([r[name] for r in rows])
         print(
-            f"{name:<34} Spearman with utility {_spearman(values, utility):+.2f}, "
-            f"with screen linkage {_spearman(values, linkage):+.2f}"
+            f"{name:<34} Spearman with utility {spearman(values, utility):+.2f}, "
+            f"with screen linkage {spearman(values, linkage):+.2f}"
         )
-    print(f"{'utility':<34} Spearman with screen linkage {_spearman(utility, linkage):+.2f}")
+    print(f"{'utility':<34} Spearman with screen linkage {spearman(utility, linkage):+.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"seed": args.seed, "cell": args.cell, "limits": measures.limits, "cells": rows}))
     print(f"{len(rows)} cells in {time.perf_counter() - start:.0f} s on {device.type}; rows in {args.out}")

@@ -86,7 +86,8 @@ def excess(scores: Scores, limits: Scores) -> float:
     return max((scores[s] - limit) / max(abs(limit), 1e-6) for s, limit in limits.items())
 
 
-def _spearman(a: list[float], b: list[float]) -> float | None:
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation of a and b; None under 3 values or where either is constant."""
     if len(a) < 3:
         return None
     ra, rb = (np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(float) for x in (a, b))
@@ -106,7 +107,7 @@ def agreement(candidates: list[Candidate], limits: Scores) -> dict[str, Any]:
     alike = sum((screen[i] - screen[j]) * (full[i] - full[j]) > 0 for i, j in pairs)
     return {
         "candidates": len(both),
-        "spearman": _spearman(screen, full),
+        "spearman": spearman(screen, full),
         "pairs_ordered_alike": alike / len(pairs) if pairs else None,
         "screen_passed_full_failed": sum(s <= 0 < f for s, f in zip(screen, full, strict=True)),
         "screen_failed_full_passed": sum(f <= 0 < s for s, f in zip(screen, full, strict=True)),

@@ -226,7 +226,7 @@ class Measures:
 
     def _target(self, c: Candidate) -> tuple[Target, Any]:
         a, train = self._attack, self.train
-        images, idx = self.released(c), self._attack["idx"]
+        images, idx = self.released(c), a["idx"]
         masks = c.masks if c.masks.ndim == 3 else np.broadcast_to(c.masks, (len(images), *c.masks.shape))
         t = Target(images[idx], np.ascontiguousarray(masks[idx]), train.images[idx], train.labels[idx])
         release_data = self.params.attack.learned.release_data
