@@ -9,9 +9,13 @@ test split. Every setting not given below comes from --params (default params.ya
 
 Prints per seed the candidate each search released, its test accuracy, the full-gate runs and the
 screen's agreement with the full gate; then the margin (saliency - random) as mean +- std over seeds.
-A search that finds no passing candidate is reported as such (accuracy: none). Rows go to --out.
+A search that finds no passing candidate is reported as such (accuracy: none). Then every mask that
+went through the full gate, most useful first, with its judged scores: where the gate's edge lies, and
+which score stops each mask that fails. Rows go to --out; --rows summarises rows files of earlier runs
+without running anything: each file's table, then the full-gate runs of all of them pooled.
 
     python benchmarks/mask_search.py --seeds 0,1,2
+    python benchmarks/mask_search.py --rows reports/mask_search.csv other.csv
     python benchmarks/mask_search.py --source fashion-mnist --path DIR --split 0.06,0.02,0.02 \
         --hidden-ratios 0.75,0.875,0.9375,0.96
 """
@@ -19,6 +23,7 @@ A search that finds no passing candidate is reported as such (accuracy: none). R
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import csv
 import logging
@@ -32,7 +37,7 @@ import yaml
 
 from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
-from desensitize.mask_search import Candidate, SearchFailed, agreement
+from desensitize.mask_search import Candidate, SearchFailed, agreement, excess
 from desensitize.paths import Paths
 from desensitize.release import load_released
 from desensitize.splits import load_split
@@ -152,12 +157,55 @@ def summarise(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def gated_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every mask that went through the full gate (once per seed and name), most useful first: its
+    held-out utility, judged scores and, where it fails, the score furthest over its limit."""
+    seen: dict[tuple[int, str], tuple[str, str, float, dict[str, float], dict[str, float]]] = {}
+    for row in rows:
+        for name, _screen, full, _predicted, utility in row["gated"]:
+            seen.setdefault((row["seed"], name), (row["strategy"], name, utility, full, row["limits"]))
+    if not seen:
+        return []
+    lines = [
+        "",
+        "every full-gate run, most useful first:",
+        "| seed | strategy | candidate | held-out utility | PSNR gain | linkage | recovery | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (seed, _), (strategy, name, utility, full, limits) in sorted(seen.items(), key=lambda kv: -kv[1][2]):
+        over = max(limits, key=lambda s: (full[s] - limits[s]) / max(abs(limits[s]), 1e-6))
+        verdict = "passes" if excess(full, limits) <= 0 else f"fails: {over} {full[over]:.3f} > {limits[over]:.3f}"
+        lines.append(
+            f"| {seed} | {strategy} | {name} | {utility:.3f} | {full['psnr_gain']:+.2f} | "
+            f"{full['linkage_within_class']:.3f} | {full['recognition_recovery']:+.2f} | {verdict} |"
+        )
+    return lines
+
+
 def _write(rows: list[dict[str, Any]], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    """Rows as _write wrote them: numbers, dicts and lists back from their text, names as they are."""
+
+    def value(text: str) -> Any:
+        if text == "":
+            return None
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+    try:
+        with open(path, newline="") as f:
+            return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    except OSError as exc:
+        raise SystemExit(f"error: --rows {path}: {exc.strerror}") from None
 
 
 def _ratios(text: str) -> list[float]:
@@ -180,7 +228,14 @@ def main() -> None:
     parser.add_argument("--strategies", default="saliency,random", help="masks.strategy values to search")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("reports/mask_search.csv"))
+    parser.add_argument("--rows", type=Path, nargs="+", help="summarise these rows files (--out of earlier runs)")
     args = parser.parse_args()
+    if args.rows:
+        runs = [_read(path) for path in args.rows]
+        for path, rows in zip(args.rows, runs, strict=True):
+            print(f"\n{path}:{summarise(rows)}")
+        print("\n".join(gated_table([row for rows in runs for row in rows])))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     base = yaml.safe_load(args.params.read_text()) or {}
     data = base.setdefault("data", {})
@@ -203,6 +258,7 @@ def main() -> None:
     except DesensitizeError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(summarise(rows))
+    print("\n".join(gated_table(rows)))
     print(f"\n{len(rows)} searches in {time.perf_counter() - start:.0f} s on {device}; rows in {args.out}")
 
 
