@@ -203,7 +203,11 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
     try:
         with open(path, newline="") as f:
-            return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            missing = {"seed", "strategy", "plain", "gated", "limits"} - set(reader.fieldnames or ())
+            if missing:
+                raise SystemExit(f"error: --rows {path}: not a rows file of this benchmark (no {sorted(missing)})")
+            return [{k: value(v) for k, v in row.items()} for row in reader]
     except OSError as exc:
         raise SystemExit(f"error: --rows {path}: {exc.strerror}") from None
 
