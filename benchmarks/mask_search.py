@@ -173,7 +173,7 @@ def gated_table(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for (seed, _), (strategy, name, utility, full, limits) in sorted(seen.items(), key=lambda kv: -kv[1][2]):
-        over = max(limits, key=lambda s: (full[s] - limits[s]) / max(abs(limits[s]), 1e-6))
+        over = max(limits, key=lambda s: excess(full, {s: limits[s]}))  # the score furthest over
         verdict = "passes" if excess(full, limits) <= 0 else f"fails: {over} {full[over]:.3f} > {limits[over]:.3f}"
         lines.append(
             f"| {seed} | {strategy} | {name} | {utility:.3f} | {full['psnr_gain']:+.2f} | "
