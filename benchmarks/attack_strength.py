@@ -22,15 +22,15 @@ import json
 import time
 from pathlib import Path
 
-from desensitize import inpainting
-from desensitize.attack_suite import Scorer, Target, sample_indices, share_of, split_attacker_data
-from desensitize.checkpoints import load_checkpoint
+from desensitize.attack import inpainting
+from desensitize.attack.inpainting import AttackerData, public_data
+from desensitize.attack.suite import Scorer, Target, sample_indices, share_of, split_attacker_data
 from desensitize.config import load_params
-from desensitize.inpainting import AttackerData, public_data
+from desensitize.data.splits import load_split
+from desensitize.learning.checkpoints import load_checkpoint
 from desensitize.paths import Paths
 from desensitize.release import load_released, read_release_info
-from desensitize.splits import load_split
-from desensitize.training import best_device
+from desensitize.runtime.device import best_device
 
 
 def _ints(text: str) -> list[int]:

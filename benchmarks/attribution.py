@@ -1,6 +1,6 @@
 """Attribution throughput: the batched path against a naive loop of one captum call per image.
 
-For every method: images/s of `desensitize.attribution.attribution_maps` (one captum call per
+For every method: images/s of `desensitize.masking.attribution.attribution_maps` (one captum call per
 batch) and of a loop that calls the same captum algorithm once per image, on the same model and
 images, in one run, and their ratio. For integrated_gradients also its time divided by the time
 of `ig_steps` plain forward+backward passes over the same images (its compute floor).
@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from desensitize.attribution import attribution_maps, explainer, normalise
 from desensitize.config import ATTRIBUTION_METHODS, AttributionParams, DataParams
+from desensitize.data.sources import load_source
+from desensitize.masking.attribution import attribution_maps, explainer, normalise
 from desensitize.models import build_backbone
-from desensitize.sources import load_source
-from desensitize.training import batch_to, best_device, on_device, to_float
+from desensitize.runtime.device import batch_to, best_device, on_device, to_float
 
 
 def _sync(device: torch.device) -> None:

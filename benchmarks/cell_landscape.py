@@ -5,7 +5,7 @@ that keeps exactly one cell of --cell pixels is scored as the mask search scores
 held-out utility, the privacy screen, and with --full the full gate (the cells listed). Each cell also
 gets the measures a template can rank it by before any training: its class evidence (its share of the
 between-class spread of attribution, as `class_contrast` and `restorability` use it) under each
---methods attribution, its linear restorability (desensitize.templates.restorability of that cell
+--methods attribution, its linear restorability (desensitize.masking.templates.restorability of that cell
 alone) and its share of the mean image's pixel mass. Prints one row per cell, then the Spearman
 correlation of every measure with the utility and with the screen's within-class linkage, and of
 utility with linkage (near 1: the cells that help recognition are the ones that let the attacker
@@ -27,18 +27,20 @@ import numpy as np
 import torch
 import yaml
 
-from desensitize.attribution import attribution_maps
-from desensitize.checkpoints import load_checkpoint
 from desensitize.config import parse_params
-from desensitize.mask_search import Candidate, spearman
-from desensitize.masks import cell_scores, class_contrast, expand, grid_shape
+from desensitize.data.splits import read_manifest, split_shards
+from desensitize.learning.checkpoints import load_checkpoint
+from desensitize.masking.attribution import attribution_maps
+from desensitize.masking.grid import cell_scores, class_contrast, expand, grid_shape
+from desensitize.masking.templates import TemplateStats, restorability
 from desensitize.paths import Paths
-from desensitize.splits import read_manifest, split_shards
+from desensitize.runtime.device import best_device, to_float
+from desensitize.search.candidates import scan_train
+from desensitize.search.gated import Candidate
+from desensitize.search.measures import Measures
 from desensitize.stages.ingest import ingest
-from desensitize.stages.masks import Measures, scan_train
 from desensitize.stages.reference import train_reference
-from desensitize.templates import TemplateStats, restorability
-from desensitize.training import best_device, to_float
+from desensitize.stats import spearman
 
 
 def _ints(text: str) -> list[int]:

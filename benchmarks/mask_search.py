@@ -35,16 +35,18 @@ from typing import Any
 import numpy as np
 import yaml
 
+from desensitize.attack.gate import excess
 from desensitize.config import parse_params
+from desensitize.data.splits import load_split
 from desensitize.errors import DesensitizeError
-from desensitize.mask_search import Candidate, SearchFailed, agreement, excess
+from desensitize.learning.training import fit_and_score
 from desensitize.paths import Paths
 from desensitize.release import load_released
-from desensitize.splits import load_split
+from desensitize.runtime.device import best_device
+from desensitize.search.gated import Candidate, SearchFailed, agreement
 from desensitize.stages.ingest import ingest
 from desensitize.stages.masks import generate_masks
 from desensitize.stages.reference import train_reference
-from desensitize.training import best_device, fit_and_score
 
 
 def _plain_accuracy(params, paths: Paths, device) -> float:

@@ -51,12 +51,13 @@ def run_point(settings: dict[str, Any], variants: list[str], root: str, device: 
     import torch
 
     from desensitize.config import parse_params
+    from desensitize.learning.training import predict, train_classifier
     from desensitize.masknet import MaskNet, with_mask_channel
     from desensitize.models import build_backbone
+    from desensitize.orchestration.runner import run_stage
     from desensitize.paths import Paths
     from desensitize.release import load_released
-    from desensitize.runner import run_stage
-    from desensitize.training import best_device, predict, seed_everything, train_classifier
+    from desensitize.runtime.device import best_device, seed_everything
 
     torch.set_num_threads(threads)
     params = parse_params(settings)

@@ -56,7 +56,7 @@ def params(shard_size: int):
 
 def synthetic(n: int, seed: int = 0):
     """n distinct 28x28 images: the class's pattern (a bright 7x7 block at a class-specific place) under noise."""
-    from desensitize.sources import Source
+    from desensitize.data.sources import Source
 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, CLASSES, n)
@@ -71,9 +71,10 @@ def prepare(root: Path, n: int, shard_size: int) -> None:
     """Raw shards written by the ingest stage (its source replaced by the synthetic one) and a reference
     model trained for one epoch on 2,000 train images."""
     import desensitize.stages.ingest as ingest_stage
+    from desensitize.data.splits import load_split
+    from desensitize.learning.training import fit
     from desensitize.paths import Paths
-    from desensitize.splits import load_split
-    from desensitize.training import best_device, fit
+    from desensitize.runtime.device import best_device
 
     p, paths = params(shard_size), Paths(root)
     source = synthetic(round(n / TRAIN_SHARE))
@@ -104,9 +105,10 @@ def measure(what: str, root: Path, shard_size: int) -> None:
 
         generate_masks(p, paths, device="cpu")
     else:
+        from desensitize.learning.training import TrainingData, fit
         from desensitize.masknet import masknet_input
         from desensitize.release import read_release_info, released_shards
-        from desensitize.training import TrainingData, best_device, fit
+        from desensitize.runtime.device import best_device
 
         info = read_release_info(paths.release)
         channels, height, width = info.image_shape

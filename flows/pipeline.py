@@ -1,6 +1,6 @@
 """The Prefect flow `desensitization-pipeline`: the stages of dvc.yaml as tasks, then DVC versioning.
 
-Each stage task calls `desensitize.stages.run_stage`, as the CLI (and so `dvc repro`) does; a
+Each stage task calls `desensitize.orchestration.runner.run_stage`, as the CLI (and so `dvc repro`) does; a
 stage runs only when DVC says it is stale. Afterwards the stages that ran are committed to DVC
 (`dvc commit`) and the cache is pushed (`dvc push`), so a Prefect run leaves the same records as
 `dvc repro` + `dvc push`. A failed privacy gate fails the run and pushes nothing.
@@ -25,14 +25,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from desensitize import versioning
 from desensitize.config import Params, write_overrides
 from desensitize.errors import DesensitizeError
+from desensitize.orchestration.pipeline import STAGES, check_for_dvc
+from desensitize.orchestration.runner import run_stage
 from desensitize.paths import Paths
-from desensitize.pipeline import STAGES, check_for_dvc
-from desensitize.runner import run_stage
-from desensitize.runreport import run_report
-from desensitize.tracking import pipeline_run, run_link
+from desensitize.reporting.summary import run_report
+from desensitize.tracking import versioning
+from desensitize.tracking.runs import pipeline_run
+from desensitize.tracking.store import run_link
 
 FLOW_NAME = "desensitization-pipeline"
 NIGHTLY_CRON = "0 2 * * *"  # 02:00 UTC; prefect.yaml has the same schedule for the deployment

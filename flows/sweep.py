@@ -1,4 +1,4 @@
-"""The Prefect flow `desensitization-sweep`: the privacy-utility frontier (desensitize.sweep) with every
+"""The Prefect flow `desensitization-sweep`: the privacy-utility frontier (desensitize.orchestration.sweep) with every
 seed's workspace and every point a Prefect task on a Dask cluster (prefect-dask's DaskTaskRunner).
 
 The runner follows the params' `compute` section (or DESENSITIZE_SCHEDULER): `local` starts a Dask
@@ -25,10 +25,11 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect_dask import DaskTaskRunner
 
-from desensitize.compute import cluster_kwargs, run_unit, scheduler
 from desensitize.config import ComputeParams, load_params
+from desensitize.orchestration.sweep import run_sweep
+from desensitize.orchestration.sweep_plan import check_axes
 from desensitize.paths import Paths
-from desensitize.sweep import check_axes, run_sweep
+from desensitize.runtime.compute import cluster_kwargs, run_unit, scheduler
 
 FLOW_NAME = "desensitization-sweep"
 U = TypeVar("U")
@@ -68,7 +69,7 @@ class TaskUnits:
 
 
 def task_runner(cfg: ComputeParams) -> TaskRunner:
-    """The flow's task runner for `cfg` (desensitize.compute's scheduler choice)."""
+    """The flow's task runner for `cfg` (desensitize.runtime.compute's scheduler choice)."""
     where = scheduler(cfg)
     if where == "sync":
         return ThreadPoolTaskRunner(max_workers=1)

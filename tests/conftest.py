@@ -29,7 +29,7 @@ def sequential_units(monkeypatch: pytest.MonkeyPatch) -> None:
     """Units run in the test's process (compute.scheduler: sync) unless a test asks for a cluster: a Dask
     LocalCluster per stage would add seconds to every test; tests/test_compute.py checks that a cluster
     gives the same results."""
-    from desensitize.compute import SCHEDULER_ENV
+    from desensitize.runtime.compute import SCHEDULER_ENV
 
     monkeypatch.setenv(SCHEDULER_ENV, "sync")
 

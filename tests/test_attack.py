@@ -12,21 +12,14 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conftest import LENIENT_GATE, copy_project, tiny_params
-from desensitize import inpainting, privacy
-from desensitize.attack_suite import (
-    Target,
-    attack_suite,
-    attacked_sample,
-    attacker_data,
-    cached_attack_suite,
-    sample_indices,
-    suite_digest,
-)
-from desensitize.checkpoints import load_checkpoint, save_checkpoint
+from desensitize.attack import gate, inpainting, scores
+from desensitize.attack.cache import cached_attack_suite, suite_digest
+from desensitize.attack.suite import Target, attack_suite, attacked_sample, attacker_data, sample_indices
 from desensitize.cli import app
 from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
-from desensitize.masks import apply_mask
+from desensitize.learning.checkpoints import load_checkpoint, save_checkpoint
+from desensitize.masking.grid import apply_mask
 from desensitize.paths import Paths
 from desensitize.stages.attack import run_attack
 from desensitize.stages.masks import generate_masks
@@ -89,7 +82,7 @@ def _suite(make, n: int = N) -> dict:
 
 def test_gate_fails_where_the_hidden_region_continues_the_visible_part():
     result = _suite(_gradients)
-    verdict = privacy.gate(result["attackers"], result["limits"])
+    verdict = gate.check(result["attackers"], result["limits"])
     assert not verdict["passed"]
     broken = {(v["attacker"], v["score"]) for v in verdict["violations"]}
     assert ("biharmonic", "psnr_gain") in broken and ("biharmonic", "linkage_within_class") in broken
@@ -98,17 +91,17 @@ def test_gate_fails_where_the_hidden_region_continues_the_visible_part():
 
 def test_gate_passes_where_hidden_content_is_independent_noise():
     result = _suite(_noise, n=200)
-    verdict = privacy.gate(result["attackers"], result["limits"])
+    verdict = gate.check(result["attackers"], result["limits"])
     assert verdict["passed"], verdict["violations"]
     assert result["linkage_within_class_chance"] == pytest.approx(1 / 20)
-    for scores in result["attackers"].values():
-        assert scores["judged"]["psnr_gain"] < 1.0
-        assert scores["recognition_recovery"] == 0 and scores["recognition_recovery_interval"] == (0.0, 0.0)
+    for s in result["attackers"].values():
+        assert s["judged"]["psnr_gain"] < 1.0
+        assert s["recognition_recovery"] == 0 and s["recognition_recovery_interval"] == (0.0, 0.0)
 
 
 def test_a_sample_larger_than_the_release_is_cut_with_a_warning(caplog: pytest.LogCaptureFixture):
     """Both stages that attack (the gated mask search and the attack stage) take their sample here."""
-    with caplog.at_level("WARNING", logger="desensitize.attack_suite"):
+    with caplog.at_level("WARNING", logger="desensitize.attack.suite"):
         assert attacked_sample(50, 40, seed=0).tolist() == sample_indices(50, 40, seed=0).tolist()
         assert not caplog.records
         assert attacked_sample(50, 100_000, seed=0).tolist() == list(range(50))
@@ -119,7 +112,7 @@ def test_a_sample_too_small_to_show_privacy_fails_safe():
     """Noise again, but 20 images: with 1 chance hit expected, the linkage interval cannot rule out
     3x chance, so the gate fails although no attacker learns anything."""
     result = _suite(_noise, n=20)
-    verdict = privacy.gate(result["attackers"], result["limits"])
+    verdict = gate.check(result["attackers"], result["limits"])
     assert not verdict["passed"]
     assert {v["score"] for v in verdict["violations"]} == {"linkage_within_class"}
     assert all(v["point"] <= v["threshold"] < v["value"] for v in verdict["violations"])
@@ -132,9 +125,9 @@ def test_images_equal_to_their_class_mean_give_no_gain_over_the_class_mean_guess
     masks = np.broadcast_to(_center_mask(), (40, SIZE, SIZE)).copy()
     result = _attack(patterns[labels], patterns[public_labels], masks, labels, public_labels, classes=2)
     assert result["best_blind"] == "class_mean_fill"
-    assert result["blind"]["class_mean_fill"]["psnr_hidden"] == privacy.PSNR_CAP
-    for name, scores in result["attackers"].items():
-        assert scores["psnr_gain"] <= 0 and scores["psnr_gain_interval"][1] <= 0, name
+    assert result["blind"]["class_mean_fill"]["psnr_hidden"] == scores.PSNR_CAP
+    for name, s in result["attackers"].items():
+        assert s["psnr_gain"] <= 0 and s["psnr_gain_interval"][1] <= 0, name
 
 
 def _mirrored(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -163,7 +156,7 @@ def test_more_attacker_data_that_helps_is_projected_and_the_gate_fails_safe():
     assert learned_scores["judged"]["psnr_gain"] == pytest.approx(upper + fit["added"])
     # A threshold the measured interval clears but the projected attacker does not: the gate fails.
     limits = {**result["limits"], "psnr_gain": upper + fit["added"] / 2, "linkage_within_class": 1.0}
-    verdict = privacy.gate(result["attackers"], limits)
+    verdict = gate.check(result["attackers"], limits)
     assert [(v["attacker"], v["score"]) for v in verdict["violations"]] == [("learned", "psnr_gain")]
 
 
@@ -187,11 +180,11 @@ def test_only_hidden_pixels_count():
     raw = rng.random((5, 1, SIZE, SIZE)).astype(np.float32)
     masks = np.broadcast_to(_center_mask(), (5, SIZE, SIZE))
     recon = np.where(masks[:, None] == 0, raw, 1 - raw)  # every visible pixel wrong, every hidden one right
-    assert (privacy.psnr_per_image(recon, raw, masks) == privacy.PSNR_CAP).all()
-    assert privacy.ssim_hidden(raw, raw, masks) == pytest.approx(1.0)
-    assert privacy.linkage_hits(recon, raw, masks).all()
+    assert (scores.psnr_per_image(recon, raw, masks) == scores.PSNR_CAP).all()
+    assert scores.ssim_hidden(raw, raw, masks) == pytest.approx(1.0)
+    assert scores.linkage_hits(recon, raw, masks).all()
     wrong_inside = np.where(masks[:, None] == 0, 1 - raw, raw)  # the opposite: only hidden pixels wrong
-    assert privacy.psnr_per_image(wrong_inside, raw, masks).mean() < 10
+    assert scores.psnr_per_image(wrong_inside, raw, masks).mean() < 10
 
 
 def test_hidden_information_sees_a_mask_that_hides_only_background():
@@ -199,8 +192,8 @@ def test_hidden_information_sees_a_mask_that_hides_only_background():
     images[:, :, 4:12, 4:12] = np.random.default_rng(0).random((10, 1, 8, 8))
     border_only = 1 - _center_mask()  # hides the blank frame, shows the content
     mean = images.mean(axis=0)
-    assert privacy.hidden_information(images, np.broadcast_to(border_only, (10, SIZE, SIZE)), mean) == 0
-    assert privacy.hidden_information(images, np.broadcast_to(_center_mask(), (10, SIZE, SIZE)), mean) == 1
+    assert scores.hidden_information(images, np.broadcast_to(border_only, (10, SIZE, SIZE)), mean) == 0
+    assert scores.hidden_information(images, np.broadcast_to(_center_mask(), (10, SIZE, SIZE)), mean) == 1
 
 
 def test_classical_attackers_keep_visible_pixels_and_restore_a_flat_image():

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from desensitize.attribution import attribution_maps
 from desensitize.config import AttributionParams
 from desensitize.errors import DesensitizeError
-from desensitize.masks import mask_from_maps
+from desensitize.masking.attribution import attribution_maps
+from desensitize.masking.grid import mask_from_maps
 from desensitize.models import build_backbone
 
 CPU = torch.device("cpu")

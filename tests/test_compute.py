@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import LENIENT_GATE, copy_project, tiny_params
-from desensitize.compute import SCHEDULER_ENV, cluster_kwargs, executor, scheduler
 from desensitize.config import ComputeParams
 from desensitize.errors import DesensitizeError
+from desensitize.orchestration.sweep import run_sweep
 from desensitize.release import read_release_info
+from desensitize.runtime.compute import SCHEDULER_ENV, cluster_kwargs, executor, scheduler
 from desensitize.stages.masks import generate_masks
-from desensitize.sweep import run_sweep
 
 CLUSTER = ComputeParams(scheduler="local", workers=2, threads=1)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module

@@ -240,9 +240,9 @@ def test_repro_says_a_missing_params_file_is_missing(tmp_path: Path, monkeypatch
 
 
 def test_repro_checks_the_params_file_before_starting_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import desensitize.tracking
+    import desensitize.tracking.runs
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(desensitize.tracking, "pipeline_run", lambda *a, **k: pytest.fail("started a run"))
+    monkeypatch.setattr(desensitize.tracking.runs, "pipeline_run", lambda *a, **k: pytest.fail("started a run"))
     code, output = _check(tmp_path, lambda p: p["data"].update(path=None), "repro")
     assert code == 2 and "data.path is null" in output

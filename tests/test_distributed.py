@@ -1,4 +1,4 @@
-"""Training under torchrun (desensitize.distributed), on CPU with gloo: two processes train what one
+"""Training under torchrun (desensitize.runtime.distributed), on CPU with gloo: two processes train what one
 process trains, only rank 0 writes, and outside torchrun training is the plain single-process loop.
 
 Each two-process test starts its ranks with torch.multiprocessing.spawn, setting the environment
@@ -20,14 +20,15 @@ import torch
 import yaml
 from torch import nn
 
-from desensitize.checkpoints import load_checkpoint
 from desensitize.config import ClassifierParams
-from desensitize.distributed import process_group
 from desensitize.errors import DesensitizeError
+from desensitize.learning.checkpoints import load_checkpoint
+from desensitize.learning.training import fit, train_classifier
 from desensitize.models import build_backbone
+from desensitize.orchestration.runner import run_stage
 from desensitize.paths import Paths
-from desensitize.runner import run_stage
-from desensitize.training import fit, seed_everything, train_classifier
+from desensitize.runtime.device import seed_everything
+from desensitize.runtime.distributed import process_group
 
 # 97 images in batches of 32: the last global batch holds one image, so one rank's share of it is empty.
 CFG = ClassifierParams(epochs=2, batch_size=32, lr=3e-3, weight_decay=1e-4)

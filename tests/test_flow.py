@@ -48,7 +48,7 @@ def _report(state) -> str:
 
 
 def test_flow_runs_every_stage_once_then_nothing(flow_project):
-    from desensitize.pipeline import STAGES
+    from desensitize.orchestration.pipeline import STAGES
 
     project, remote, first, second, stamps = flow_project
     assert first.is_completed(), first.message
@@ -93,8 +93,8 @@ def _mlflow_runs(filter_string: str) -> list:
 
 
 def test_flow_run_is_one_mlflow_parent_run_with_a_child_per_stage_run(flow_project):
-    from desensitize.pipeline import STAGES
-    from desensitize.tracking import STAGE_TAG
+    from desensitize.orchestration.pipeline import STAGES
+    from desensitize.tracking.runs import STAGE_TAG
 
     first, second = flow_project[2], flow_project[3]
     for state, expected in ((first, set(STAGES)), (second, set())):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import make_params
+from desensitize.data.sources import Source, drop_duplicates, image_digests
+from desensitize.data.splits import _allocate, load_split, split_indices
 from desensitize.errors import DesensitizeError
 from desensitize.paths import SPLITS, Paths
-from desensitize.sources import Source, drop_duplicates, image_digests
-from desensitize.splits import _allocate, load_split, split_indices
 from desensitize.stages.ingest import ingest
 
 

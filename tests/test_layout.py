@@ -1,6 +1,7 @@
-"""The package's layout holds: imports point downward (no cycle, no stage importing a stage, no library
-importing a stage or the orchestration above it), and every dvc.yaml stage lists exactly the
-modules its code imports, so `dvc repro` reruns a stage whenever code it runs has changed.
+"""The package's layout holds: every import follows the table of allowed imports between its layers (so
+imports point downward: no cycle, no stage importing a stage, no library importing a stage or the
+orchestration above it), and every dvc.yaml stage lists exactly the modules its code imports, so
+`dvc repro` reruns a stage whenever code it runs has changed.
 
 The import graph is read from the source with `ast`, counting every import statement (at module
 level, inside functions, under TYPE_CHECKING), and the packages a module sits in (Python runs their
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,11 +22,53 @@ REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 PACKAGE = "desensitize"
 STAGES = f"{PACKAGE}.stages"
-# Above the stages: entry points, the stage table and runner, MLflow tracking and what reads it.
-ORCHESTRATION = {
-    f"{PACKAGE}.{name}"
-    for name in ("__main__", "cli", "runner", "pipeline", "tracking", "lineage", "runreport", "sweep")
+
+# The layers, bottom up: a module's layer is its subpackage's name; the top-level modules are the kernel
+# every layer uses, the formats that registered models and release bundles persist (their import paths
+# are recorded in pickles), the inference API and the entry points.
+TOP_LEVEL = {
+    **dict.fromkeys(("errors", "paths", "storage", "config", "stats"), "kernel"),
+    **dict.fromkeys(("release", "models", "masknet"), "formats"),
+    "inference": "inference",
+    **dict.fromkeys(("cli", "__main__"), "entry"),
 }
+_LIBRARIES = {"kernel", "formats", "runtime", "data", "learning", "masking", "bundle", "attack", "search"}
+# Which layers each layer may import (besides itself). The README shows this table.
+ALLOWED = {
+    "kernel": set(),
+    "formats": {"kernel"},
+    "runtime": {"kernel"},
+    "data": {"kernel"},
+    "learning": {"kernel", "formats", "runtime"},
+    "masking": {"kernel", "runtime", "learning"},
+    "bundle": {"kernel", "formats", "data", "masking"},
+    "attack": {"kernel", "runtime", "learning", "masking"},
+    "search": {"kernel", "formats", "runtime", "data", "learning", "masking", "bundle", "attack"},
+    "inference": {"kernel", "formats", "runtime", "learning", "masking"},
+    "reporting": {"kernel", "formats"},
+    "tracking": {"kernel", "data"},
+    "stages": _LIBRARIES | {"inference", "reporting", "tracking"},
+    "orchestration": _LIBRARIES | {"inference", "reporting", "tracking", "stages"},
+    "entry": _LIBRARIES | {"inference", "reporting", "tracking", "stages", "orchestration"},
+}
+
+
+def layer(module: str) -> str:
+    """The layer of a module of the package (the package itself belongs to the kernel)."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "kernel"
+    return TOP_LEVEL[parts[1]] if len(parts) == 2 and parts[1] in TOP_LEVEL else parts[1]
+
+
+def forbidden_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import the table does not allow, as `module -> imported (layer -> layer)`."""
+    return [
+        f"{module} -> {imported} ({layer(module)} -> {layer(imported)})"
+        for module, deps in sorted(graph.items())
+        for imported in sorted(deps)
+        if layer(imported) != layer(module) and layer(imported) not in ALLOWED[layer(module)]
+    ]
 
 
 def module_files(src: Path = SRC) -> dict[str, Path]:
@@ -106,11 +150,23 @@ def test_a_stage_never_imports_another_stage():
     assert not offenders
 
 
-def test_libraries_import_neither_stages_nor_the_orchestration_above_them():
-    above = ORCHESTRATION | {name for name in GRAPH if name.startswith(STAGES)}
-    libraries = set(GRAPH) - above - {PACKAGE}
-    offenders = {lib: sorted(GRAPH[lib] & above) for lib in libraries if GRAPH[lib] & above}
-    assert not offenders
+def test_every_module_is_in_a_layer_of_the_table():
+    assert {layer(module) for module in GRAPH} <= set(ALLOWED)
+    assert all(allowed <= set(ALLOWED) for allowed in ALLOWED.values())
+
+
+def test_every_import_follows_the_table_of_allowed_imports():
+    assert forbidden_imports(GRAPH) == []
+
+
+def test_the_table_check_names_a_forbidden_import(tmp_path: Path):
+    """A copy of the package where the gate's rules import the MLflow layer: the check names it."""
+    shutil.copytree(SRC / PACKAGE, tmp_path / PACKAGE)
+    gate = tmp_path / PACKAGE / "attack" / "gate.py"
+    gate.write_text(gate.read_text() + "\nfrom desensitize.tracking.runs import item_tag  # noqa: E402\n")
+    assert forbidden_imports(import_graph(tmp_path)) == [
+        f"{PACKAGE}.attack.gate -> {PACKAGE}.tracking.runs (attack -> tracking)"
+    ]
 
 
 def test_every_dvc_stage_has_a_stage_module_named_as_the_stage():
@@ -126,7 +182,7 @@ def test_dvc_code_deps_are_exactly_what_each_stage_imports():
 def test_a_missing_code_dep_is_caught():
     """Drop one module `evaluate` imports from its deps: the check names it."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    dropped = f"src/{PACKAGE}/training.py"
+    dropped = f"src/{PACKAGE}/learning/training.py"
     assert dropped in dvc["stages"]["evaluate"]["deps"]
     dvc["stages"]["evaluate"]["deps"].remove(dropped)
     assert code_deps_problems(dvc, GRAPH, module_files(), REPO) == [
@@ -136,10 +192,10 @@ def test_a_missing_code_dep_is_caught():
 
 def test_dvc_yaml_interpolates_exactly_the_templated_params_keys():
     """The source is the ingest stage's one data dep, ${data.path}; every key dvc.yaml interpolates is
-    one that check-params requires in the file (desensitize.pipeline.TEMPLATED)."""
+    one that check-params requires in the file (desensitize.orchestration.pipeline.TEMPLATED)."""
     import re
 
-    from desensitize.pipeline import TEMPLATED
+    from desensitize.orchestration.pipeline import TEMPLATED
 
     text = (REPO / "dvc.yaml").read_text()
     assert sorted(set(re.findall(r"\$\{\s*([\w.]+)\s*\}", text))) == sorted(TEMPLATED)

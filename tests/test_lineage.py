@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from conftest import make_dvc_project
 from desensitize.cli import app
-from desensitize.pipeline import STAGES
+from desensitize.orchestration.pipeline import STAGES
 
 pytestmark = pytest.mark.slow
 MODEL = "masknet-digits"

@@ -1,11 +1,12 @@
-"""The privacy-constrained mask search (desensitize.mask_search) on hand-made candidates and scores."""
+"""The privacy-constrained mask search (desensitize.search.gated) on hand-made candidates and scores."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from desensitize.mask_search import Candidate, SearchFailed, agreement, excess, search
+from desensitize.attack.gate import excess
+from desensitize.search.gated import Candidate, SearchFailed, agreement, search
 
 LIMITS = {"psnr_gain": 1.0, "linkage_within_class": 0.15}
 

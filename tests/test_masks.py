@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from desensitize.errors import DesensitizeError
-from desensitize.masks import (
+from desensitize.masking.grid import (
     apply_mask,
     cell_scores,
     class_contrast,
@@ -18,7 +18,7 @@ from desensitize.masks import (
     random_masks,
     spread_ranks,
 )
-from desensitize.templates import (
+from desensitize.masking.templates import (
     TemplateStats,
     pooled_images,
     restorability,

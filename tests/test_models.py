@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from desensitize.checkpoints import load_checkpoint, save_checkpoint
 from desensitize.errors import DesensitizeError
+from desensitize.learning.checkpoints import load_checkpoint, save_checkpoint
 from desensitize.models import build_backbone
-from desensitize.training import best_device
+from desensitize.runtime.device import best_device
 
 
 @pytest.mark.parametrize(
@@ -61,7 +61,7 @@ def test_device_choice():
 @pytest.mark.gpu
 def test_reference_training_runs_on_cuda():
     from desensitize.config import ClassifierParams
-    from desensitize.training import predict, train_classifier
+    from desensitize.learning.training import predict, train_classifier
 
     images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8).numpy()
     labels = (images.reshape(64, -1).mean(1) > 127.5).astype("int64")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import make_dvc_project
-from desensitize.splits import read_manifest
+from desensitize.data.splits import read_manifest
 
 pytestmark = pytest.mark.slow
 

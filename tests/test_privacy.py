@@ -5,20 +5,22 @@ import math
 import numpy as np
 import pytest
 
-from desensitize.errors import DesensitizeError
-from desensitize.privacy import (
+from desensitize.attack.scores import (
     PSNR_CAP,
+    class_mean_images,
+    linkage_chance,
+    linkage_hits,
+    psnr_per_image,
+    ssim_map,
+)
+from desensitize.errors import DesensitizeError
+from desensitize.stats import (
     above_chance,
     binomial_tail,
     bootstrap_interval,
     chance_level,
-    class_mean_images,
     extrapolate,
-    linkage_chance,
-    linkage_hits,
-    psnr_per_image,
     saturation,
-    ssim_map,
     wilson_interval,
 )
 

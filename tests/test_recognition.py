@@ -11,21 +11,22 @@ import pytest
 import torch
 
 from conftest import copy_project, tiny_params
-from desensitize.checkpoints import build_model
 from desensitize.config import ClassifierParams
+from desensitize.data.splits import load_split
 from desensitize.inference import MaskedClassifier, SetMaskClassifier, export_format
+from desensitize.learning.checkpoints import build_model
+from desensitize.learning.training import train_classifier
+from desensitize.masking.grid import apply_mask
 from desensitize.masknet import MaskNet, with_mask_channel
-from desensitize.masks import apply_mask
 from desensitize.models import build_backbone
 from desensitize.paths import Paths
-from desensitize.privacy import wilson_interval
 from desensitize.release import MaskSettings, load_released
-from desensitize.splits import load_split
+from desensitize.runtime.device import seed_everything, to_float
 from desensitize.stages.baselines import train_baselines
 from desensitize.stages.evaluate import evaluate
 from desensitize.stages.masks import generate_masks
 from desensitize.stages.train import train_on_release
-from desensitize.training import seed_everything, to_float, train_classifier
+from desensitize.stats import wilson_interval
 
 
 @pytest.mark.parametrize(("backbone", "shape"), [("small_cnn", (1, 28, 28)), ("resnet18", (3, 32, 32))])

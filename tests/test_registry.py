@@ -3,7 +3,10 @@ privacy gate passed, whose accuracy is clearly above chance and not below the cu
 
 from __future__ import annotations
 
+import pickle
 import shutil
+import types
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -13,18 +16,18 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from conftest import FAILING_GATE, copy_project, tracked_params
-from desensitize.checkpoints import load_checkpoint, save_checkpoint
 from desensitize.inference import MaskedClassifier, export_format
-from desensitize.lineage import lineage
+from desensitize.learning.checkpoints import load_checkpoint, save_checkpoint
+from desensitize.orchestration.runner import run_stage
 from desensitize.paths import Paths
-from desensitize.privacy import above_chance
-from desensitize.registry import MAX_DESCRIPTION, register_version, version_description
 from desensitize.release import load_released
-from desensitize.runner import run_stage
 from desensitize.stages.baselines import train_baselines
 from desensitize.stages.masks import generate_masks
 from desensitize.stages.train import train_on_release
-from desensitize.tracking import configure
+from desensitize.stats import above_chance
+from desensitize.tracking.lineage import lineage
+from desensitize.tracking.registry import MAX_DESCRIPTION, register_version, version_description
+from desensitize.tracking.store import configure
 
 pytestmark = pytest.mark.slow
 NAME = "masknet-digits"
@@ -178,6 +181,23 @@ def test_a_version_carries_its_model_card_and_its_signature(project):
     np.testing.assert_array_equal(logits.argmax(axis=1), local.predict(np.rint(example * 255).astype(np.uint8)))
 
 
+def _register_pickle(classifier: MaskedClassifier, paths: Paths, reason: str | None, **kwargs) -> dict:
+    """Register `classifier` as a pickle-format version of NAME in the project's store."""
+    configure(paths)
+    with mlflow.start_run():
+        return register_version(
+            classifier,
+            NAME,
+            accuracy=0.9,
+            gate_passed=True,
+            chance=above_chance(90, np.arange(100) % 10),
+            tags={},
+            model_format="pickle",
+            format_reason=reason,
+            **kwargs,
+        )
+
+
 def test_a_release_whose_rule_runs_numpy_at_inference_is_registered_as_a_pickle_that_says_why(project):
     """A noise fill draws fresh numbers at inference (here put on the trained set-scope release's
     classifier; an image-scope release is the other case): no torch.export program can match it, so
@@ -189,25 +209,44 @@ def test_a_release_whose_rule_runs_numpy_at_inference_is_registered_as_a_pickle_
     model_format, reason = export_format(classifier.info)
     assert model_format == "pickle" and classifier.exportable() is None
     images = load_released(paths.release, "test").images
-    configure(paths)
-    with mlflow.start_run():
-        result = register_version(
-            classifier,
-            NAME,
-            accuracy=0.9,
-            gate_passed=True,
-            chance=above_chance(90, np.arange(100) % 10),
-            tags={},
-            input_example=images[:2].astype(np.float32) / np.float32(255),
-            model_format=model_format,
-            format_reason=reason,
-        )
+    result = _register_pickle(classifier, paths, reason, input_example=images[:2].astype(np.float32) / np.float32(255))
     tags = client.get_model_version(NAME, str(result["version"])).tags
     assert tags["model_format"] == "pickle" and tags["model_format_reason"] == reason
     assert reason.startswith("the noise fill draws fresh random values with numpy at inference")
     loaded = mlflow.pytorch.load_model(f"models:/{NAME}/{result['version']}")
     assert isinstance(loaded, MaskedClassifier)
     np.testing.assert_array_equal(loaded.predict(images), classifier.predict(images))
+
+
+def test_a_pickled_version_names_only_the_modules_whose_import_paths_stay(project):
+    """Registered pickles record the import path of every class they hold. The version is unpickled
+    through a find_class that lists each module it touches: of this package, exactly the modules kept at
+    their recorded paths (README: where the code lives), so a layout change cannot orphan a version."""
+    paths, _ = project
+    classifier = MaskedClassifier(paths.model("masknet"), paths.release, device="cpu")
+    classifier.info = classifier.info.model_copy(update={"fill": "noise"})
+    classifier.mask_params = tracked_params().masks  # as an image-scope saliency version holds them
+    result = _register_pickle(classifier, paths, None)
+    local = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{result['version']}")
+    (pickled,) = Path(local).rglob("*.pth")
+    touched: set[str] = set()
+
+    class Tracing(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            touched.add(module)
+            return super().find_class(module, name)
+
+    tracing = types.SimpleNamespace(Unpickler=Tracing, load=pickle.load, __name__="tracing")
+    restored = torch.load(pickled, pickle_module=tracing, weights_only=False)
+    assert sorted(m for m in touched if m.split(".")[0] == "desensitize") == [
+        "desensitize.config",
+        "desensitize.inference",
+        "desensitize.masknet",
+        "desensitize.models",
+        "desensitize.release",
+    ]
+    images = load_released(paths.release, "test").images
+    np.testing.assert_array_equal(restored.predict(images), classifier.predict(images))
 
 
 def test_a_card_longer_than_the_description_field_is_cut_with_a_pointer():

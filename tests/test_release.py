@@ -10,11 +10,13 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import FAILING_GATE, LENIENT_GATE, TINY_SEARCH, copy_project, tiny_params
+from desensitize.bundle.verify import verify_release
 from desensitize.cli import app
+from desensitize.data.splits import load_split
 from desensitize.errors import DesensitizeError
+from desensitize.masking.grid import channel_mean
 from desensitize.paths import Paths
-from desensitize.release import RELEASE_JSON, channel_mean, load_released, verify_release
-from desensitize.splits import load_split
+from desensitize.release import RELEASE_JSON, load_released
 from desensitize.stages.ingest import ingest
 from desensitize.stages.masks import generate_masks
 from desensitize.storage import sha256_file, write_arrays

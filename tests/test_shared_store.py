@@ -18,20 +18,19 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conftest import REPO, tracked_params
-from desensitize import registry
 from desensitize.cli import app
+from desensitize.orchestration.pipeline import STAGES
 from desensitize.paths import Paths
-from desensitize.pipeline import STAGES
-from desensitize.privacy import above_chance
-from desensitize.tracking import (
+from desensitize.stats import above_chance
+from desensitize.tracking import registry
+from desensitize.tracking.runs import pipeline_run, stage_run
+from desensitize.tracking.store import (
     OWNER_HOST_TAG,
     OWNER_PID_TAG,
     OWNER_START_TAG,
-    _owner_tags,
     configure,
     end_orphaned_runs,
-    pipeline_run,
-    stage_run,
+    owner_tags,
 )
 
 FORK = multiprocessing.get_context("fork")
@@ -153,8 +152,8 @@ def test_runs_of_a_killed_process_are_set_killed_when_the_next_run_starts(tmp_pa
     assert tags[OWNER_PID_TAG] == str(process.pid) and tags[OWNER_START_TAG] != "unknown"
 
     experiment = client.get_run(parent).info.experiment_id
-    alive = client.create_run(experiment, tags=_owner_tags())  # this process: alive
-    reused = client.create_run(experiment, tags={**_owner_tags(), OWNER_START_TAG: "another boot/1"})  # pid reused
+    alive = client.create_run(experiment, tags=owner_tags())  # this process: alive
+    reused = client.create_run(experiment, tags={**owner_tags(), OWNER_START_TAG: "another boot/1"})  # pid reused
     elsewhere = client.create_run(experiment, tags={**tags, OWNER_HOST_TAG: "another-host"})
 
     with pipeline_run(Paths(tmp_path)) as run_id:  # a later run in the same store

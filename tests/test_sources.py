@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from conftest import make_params, write_idx
 from desensitize.cli import app
+from desensitize.data.sources import load_source, read_idx
 from desensitize.errors import DesensitizeError
-from desensitize.sources import load_source, read_idx
 
 
 def test_mnist5k_ships_with_the_install():
@@ -169,7 +169,7 @@ def test_imagefolder_skips_hidden_files_and_macos_folders(tmp_path: Path, caplog
     (root / "a" / "__MACOSX").mkdir()
     (root / "a" / "__MACOSX" / "._y.png").write_bytes(b"\x00\x05\x16\x07")
     (root / "__MACOSX" / "a").mkdir(parents=True)  # not a class either
-    with caplog.at_level("INFO", logger="desensitize.sources"):
+    with caplog.at_level("INFO", logger="desensitize.data.sources"):
         source = load_source(make_params(source="imagefolder", path=str(root), image_size=8).data)
     assert source.class_names == ("a", "b") and len(source.images) == 2
     assert "skipped 3 hidden files and __MACOSX entries" in caplog.text

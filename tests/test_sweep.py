@@ -8,7 +8,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_params
 from desensitize.cli import app
-from desensitize.sweep import COLUMNS, SEARCHED, _write, accuracy_at_privacy, grid, matched_privacy, run_sweep
+from desensitize.orchestration.frontier import accuracy_at_privacy, matched_privacy
+from desensitize.orchestration.sweep import COLUMNS, _write, run_sweep
+from desensitize.orchestration.sweep_plan import SEARCHED, grid
 
 FRONTIER = [(0.1, 0.5), (0.3, 0.9)]
 

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from conftest import tiny_pipeline_params
-from desensitize.compute import SCHEDULER_ENV
 from desensitize.config import load_params
-from desensitize.sweep import run_sweep
-from desensitize.tracking import KIND_TAG
+from desensitize.orchestration.sweep import run_sweep
+from desensitize.runtime.compute import SCHEDULER_ENV
+from desensitize.tracking.runs import KIND_TAG
 
 pytestmark = pytest.mark.slow
 AXES = {"scopes": ["set"], "ratios": [0.5], "cells": [4], "strategies": ["saliency", "random"], "templates": ["mean"]}

@@ -5,6 +5,7 @@ artifact; the registered champion applies the release's mask itself."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -24,25 +25,17 @@ from typer.testing import CliRunner
 
 from conftest import REPO, copy_project, tracked_params
 from desensitize.cli import app
+from desensitize.data.splits import load_split, read_manifest, split_digest
 from desensitize.errors import DesensitizeError
 from desensitize.inference import MaskedClassifier
+from desensitize.orchestration.pipeline import RAW_SPLITS, STAGES, tracked_item
+from desensitize.orchestration.runner import run_stage
 from desensitize.paths import Paths
-from desensitize.pipeline import RAW_SPLITS, STAGES
 from desensitize.release import load_released
-from desensitize.results import headline
-from desensitize.runner import run_stage
-from desensitize.splits import load_split, read_manifest, split_digest
 from desensitize.storage import flatten
-from desensitize.tracking import (
-    _UNSAFE_KEY,
-    EXPERIMENT,
-    PARENT_ENV,
-    _log_items,
-    params_hash,
-    pipeline_run,
-    tracking_uri,
-)
-from desensitize.versioning import dvc_md5
+from desensitize.tracking.runs import _UNSAFE_KEY, PARENT_ENV, _log_items, params_hash, pipeline_run
+from desensitize.tracking.store import EXPERIMENT, tracking_uri
+from desensitize.tracking.versioning import dvc_md5
 
 TRACKED = ("masks", "attack", "train", "baselines", "evaluate", "register")
 
@@ -150,7 +143,7 @@ def test_each_raw_split_is_logged_with_its_own_digest(tiny_project, tmp_path):
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(experiment_id=experiment) as run:
-            _log_items(RAW_SPLITS, "input", paths, params)
+            _log_items([tracked_item(name, paths, params) for name in RAW_SPLITS], "input", paths)
         recorded = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/digests/input.json")
     finally:
         mlflow.set_tracking_uri(previous)
@@ -356,12 +349,12 @@ def test_stage_table_matches_dvc_yaml():
         assert list(dvc[name]["params"]) == list(stage.params), name
         deps = {str(Path(dep)) for dep in dvc[name].get("deps", [])}
         outs = {str(Path(next(iter(out)) if isinstance(out, dict) else out)) for out in dvc[name].get("outs", [])}
-        from desensitize.tracking import _item_path
+        from desensitize.orchestration.pipeline import item_path
 
         for item in stage.reads:
-            assert str(_item_path(item, paths)) in deps, (name, item)
+            assert str(item_path(item, paths)) in deps, (name, item)
         for item in stage.writes:
-            assert str(_item_path(item, paths)) in outs, (name, item)
+            assert str(item_path(item, paths)) in outs, (name, item)
 
 
 def test_default_store_is_in_the_project_and_lineage_needs_one(tmp_path, monkeypatch):
@@ -386,7 +379,7 @@ def test_metrics_files_hold_the_headline_and_the_reports_every_figure_the_runs_l
         where = tiny_project[1] if stage == "reference" else paths  # the fixture's reference stage ran there
         report = json.loads(where.report(stage).read_text())
         metrics = json.loads((where.metrics / f"{stage}.json").read_text())
-        assert metrics == headline(stage, report)
+        assert metrics == importlib.import_module(f"desensitize.stages.{stage}").headline(report)
         flat = flatten(metrics)
         assert all(isinstance(value, int | float | str | bool) for value in flat.values()), flat
         figures += len(flat)

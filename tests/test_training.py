@@ -8,21 +8,12 @@ import torch
 
 from conftest import copy_project, tiny_params
 from desensitize.config import ClassifierParams
+from desensitize.learning.training import Batches, TrainingData, accuracy_report, predict, train_classifier
 from desensitize.masknet import masknet_input, with_mask_channel
 from desensitize.models import build_backbone
+from desensitize.runtime.device import batch_to, on_device, seed_everything, to_float
 from desensitize.stages.reference import train_reference
 from desensitize.storage import Shards, sha256_file, write_shards
-from desensitize.training import (
-    Batches,
-    TrainingData,
-    accuracy_report,
-    batch_to,
-    on_device,
-    predict,
-    seed_everything,
-    to_float,
-    train_classifier,
-)
 
 
 def _halves(n: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from desensitize.config import load_params
 from desensitize.errors import DesensitizeError
+from desensitize.orchestration.pipeline import check_for_dvc
+from desensitize.orchestration.runner import run_stage
 from desensitize.paths import Paths
-from desensitize.pipeline import check_for_dvc
-from desensitize.runner import run_stage
 
 app = typer.Typer(
     help="Desensitize an image set by masking, with recognition support (arXiv 2312.08975). "
@@ -141,7 +141,7 @@ def verify_release(
     pixel exactly the declared fill (no raw value), visible pixels equal to raw, whole cells hidden
     at the declared ratio, and the declared grid, ratios and fill value true of the masks and the raw
     data. Exits 2 naming the first offending item."""
-    from desensitize.release import verify_release as run
+    from desensitize.bundle.verify import verify_release as run
 
     summary = run(path, raw)
     for split, facts in summary["splits"].items():
@@ -162,71 +162,9 @@ def attack(params: ParamsOption = Path("params.yaml"), device: DeviceOption = "a
 @_user_errors
 def summary() -> None:
     """Print the headline figures of the last pipeline run (from the stages' reports/*/report.json)."""
-    from desensitize.results import read_report
-    from desensitize.storage import read_json
+    from desensitize.reporting.summary import text
 
-    paths = Paths()
-    lines = []
-    if paths.report("reference").is_file():
-        ref = read_report(paths, "reference")
-        lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f}")
-    search = paths.masks_reports / "search.json"
-    if search.is_file() and not paths.report("masks").is_file() and read_json(search).get("chosen", "") is None:
-        lines.append(
-            "masks      no release: no mask candidate passes the privacy gate (the closest and every "
-            "candidate's scores: reports/masks/search.json); nothing was attacked, trained or registered"
-        )
-        typer.echo("\n".join(lines))
-        return
-    if paths.report("masks").is_file():
-        m = read_report(paths, "masks")
-        lines.append(
-            f"masks      {m['strategy']}/{m['method'] or '-'}, {m['scope']} scope"
-            + (f" ({m['template']} template)" if m.get("template") else "")
-            + (f", search candidate '{m['candidate']}'" if m.get("candidate") else "")
-            + f": {m['n_hidden_cells']} of {m['n_cells']} "
-            f"cells hidden; reference accuracy on masked test {m['reference_accuracy_on_masked_test']:.4f} "
-            f"(random mask {m['reference_accuracy_on_random_masked_test']:.4f})"
-        )
-    if paths.report("attack").is_file():
-        a = read_report(paths, "attack")
-        best = a["attackers"][a["best_attacker"]]
-        gain, within = best["psnr_gain_interval"], best["linkage_within_class_interval"]
-        lines.append(
-            f"attack     best attacker {a['best_attacker']}: PSNR gain {best['psnr_gain']:+.2f} dB "
-            f"[{gain[0]:+.2f}, {gain[1]:+.2f}] over {a['best_blind']}, linkage within class "
-            f"{best['linkage_within_class']:.3f} [{within[0]:.3f}, {within[1]:.3f}] (chance "
-            f"{a['linkage_within_class_chance']:.3f}); judged {best['judged']['psnr_gain']:+.2f} dB, "
-            f"{best['judged']['linkage_within_class']:.3f}; hidden information {a['hidden_information']:.3f}"
-        )
-        lines.append(f"gate       {a['gate']['message']}")
-    blocked = paths.report("attack").is_file() and _blocked_since(paths)
-    if blocked:
-        lines.append(
-            "evaluate   not run: the privacy gate blocked this release (nothing was trained or registered on it)"
-        )
-    elif paths.report("evaluate").is_file():
-        from desensitize.cards import accuracy_with_interval
-
-        e = read_report(paths, "evaluate")
-        acc = ", ".join(f"{name} {accuracy_with_interval(e, name)}" for name in e["accuracy"])
-        lines.append(
-            f"evaluate   test accuracy [95% interval]: {acc}; masknet over plain {e['masknet_over_plain']:+.4f}, "
-            f"this mask over random {e['saliency_over_random']:+.4f}"
-        )
-    typer.echo("\n".join(lines) if lines else "no metrics yet: run `dvc repro` first")
-
-
-def _blocked_since(paths: Paths) -> bool:
-    """The last attack run blocked its release, and the evaluate report (if any) is older: its figures
-    belong to an earlier release."""
-    from desensitize.results import read_report
-
-    attack, evaluation = paths.report("attack"), paths.report("evaluate")
-    gate = read_report(paths, "attack")["gate"]
-    blocked = not gate["passed"] and not gate["overridden"]
-    evaluated = evaluation.is_file() and evaluation.stat().st_mtime >= attack.stat().st_mtime
-    return blocked and not evaluated
+    typer.echo(text(Paths()))
 
 
 @app.command()
@@ -267,7 +205,7 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
 def repro(ctx: typer.Context) -> None:
     """`dvc repro` inside one MLflow parent run, whose children are the stage runs (what `make run`
     does). Extra arguments go to `dvc repro`. A bare `dvc repro` works too, with stand-alone stage runs."""
-    from desensitize.tracking import pipeline_run
+    from desensitize.tracking.runs import pipeline_run
 
     paths = Paths()
     check_for_dvc(paths.params_file)  # before the MLflow run: a file DVC would reject starts nothing
@@ -294,8 +232,8 @@ def lineage(
     """For auditors: the chain model version -> training run -> release digest -> mask run (strategy,
     method, ratio, reference model digest) -> raw dataset digest -> attack gate verdict, read from
     MLflow. Exits 1 when a link is missing or a digest disagrees."""
-    from desensitize.lineage import format_text
-    from desensitize.lineage import lineage as trace
+    from desensitize.tracking.lineage import format_text
+    from desensitize.tracking.lineage import lineage as trace
 
     chain = trace(model, Paths())
     typer.echo(json.dumps(chain, indent=2, sort_keys=True) if as_json else format_text(chain))
@@ -346,7 +284,8 @@ def sweep(
     constraint, plus the gated searched mask per seed and scope (other settings from the params
     file). Writes results.csv, summary.md (mean +- std over seeds, accuracy at the gate's limits) and
     frontier.png to --out."""
-    from desensitize.sweep import check_axes, run_sweep
+    from desensitize.orchestration.sweep import run_sweep
+    from desensitize.orchestration.sweep_plan import check_axes
 
     base = load_params(params)
     axes = {

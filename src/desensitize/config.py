@@ -48,7 +48,7 @@ class DataParams(_Section):
     # dep): the directory for fashion-mnist / imagefolder / cifar10; for the embedded sources (EMBEDDED)
     # the loader ignores it and it names a file, requirements.lock, which pins the package carrying them.
     # null is for the Python API only (fashion-mnist: FASHION_MNIST_DIR); DVC needs a path
-    # (desensitize.pipeline.check_for_dvc says so before a run).
+    # (desensitize.orchestration.pipeline.check_for_dvc says so before a run).
     path: Path | None = None
     # imagefolder only: images are resized to image_size x image_size with `channels` channels.
     image_size: int = Field(28, ge=8, le=512)
@@ -61,7 +61,7 @@ class DataParams(_Section):
     def _path_fits_the_source(cls, path: Path | None, info: ValidationInfo) -> Path | None:
         """A path that exists must be what the source needs: a file for the embedded sources (DVC watches
         it, the loader ignores it), a directory for the others. One that does not exist is left to
-        the loader and to desensitize.pipeline.check_for_dvc, which resolve it where they run."""
+        the loader and to desensitize.orchestration.pipeline.check_for_dvc, which resolve it where they run."""
         source = info.data.get("source")
         if source in EMBEDDED and path is not None and path.is_dir():
             raise ValueError(
@@ -203,7 +203,7 @@ class AttackParams(_Section):
 
 class ComputeParams(_Section):
     """Where the independent units of work (sweep points, mask-search candidates, attacker probes) run
-    (desensitize.compute). None of it changes a result, except `threads`."""
+    (desensitize.runtime.compute). None of it changes a result, except `threads`."""
 
     # local: a Dask LocalCluster sized to the machine, started and stopped by the run | sync: in this
     # process, one unit after another | tcp://host:port (or tls://): an existing Dask scheduler. The

@@ -24,13 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from desensitize.checkpoints import load_checkpoint
 from desensitize.config import MaskParams
 from desensitize.errors import DesensitizeError
+from desensitize.learning.checkpoints import load_checkpoint
+from desensitize.learning.training import predict
+from desensitize.masking.grid import apply_mask, fill_values, random_masks
 from desensitize.masknet import with_mask_channel
-from desensitize.masks import apply_mask, fill_values, random_masks
 from desensitize.release import MaskSettings, ReleaseInfo, load_released, read_release_info
-from desensitize.training import batch_to, best_device, predict, to_float
+from desensitize.runtime.device import batch_to, best_device, to_float
 
 INFERENCE_STREAM = 3
 ModelFormat = Literal["pt2", "pickle"]
@@ -129,7 +130,7 @@ class MaskedClassifier(nn.Module):
                 raise DesensitizeError(f"images are {height}x{width}, the release mask is {self.set_mask.shape}")
             return np.broadcast_to(self.set_mask, (n, height, width))
         if self.reference is not None:
-            from desensitize.templates import per_image_saliency_masks  # captum, for this kind of release only
+            from desensitize.masking.templates import per_image_saliency_masks  # captum, for this kind of release only
 
             info = self.info
             return per_image_saliency_masks(

@@ -27,7 +27,7 @@ class Paths:
         return self.root / "metrics"
 
     def report(self, stage: str) -> Path:
-        """A stage's whole record (desensitize.results); metrics/<stage>.json holds its headline figures."""
+        """A stage's whole record (desensitize.reporting.records); metrics/<stage>.json holds its headline figures."""
         return self.root / "reports" / stage / "report.json"
 
     @property
@@ -60,7 +60,7 @@ class Paths:
 
     @property
     def attack_cache(self) -> Path:
-        """Full attack-suite results by the digest of their inputs (attack_suite.cached_attack_suite):
+        """Full attack-suite results by the digest of their inputs (desensitize.attack.cache):
         the attack stage reuses the mask search's run on the candidate it released. Not versioned."""
         return self.root / ".cache" / "attack"
 

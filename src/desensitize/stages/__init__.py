@@ -1,2 +1,2 @@
 """One module per dvc.yaml stage, named as the stage: load inputs, call library functions, write
-outputs. A stage never imports another stage; the table in desensitize.pipeline lists them."""
+outputs. A stage never imports another stage; the table in desensitize.orchestration.pipeline lists them."""

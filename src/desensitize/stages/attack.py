@@ -11,7 +11,7 @@ attacker, what more attacker data would add); otherwise the stage exits non-zero
 `attack.enforce` is false, which is recorded as an override).
 
 Recognition recovery is read through the reference model: if that model is not clearly above chance
-on the raw test images (desensitize.privacy.above_chance), a recovery near zero proves nothing, and
+on the raw test images (desensitize.stats.above_chance), a recovery near zero proves nothing, and
 the gate's message and report say so.
 """
 
@@ -22,26 +22,28 @@ from typing import Any
 
 import numpy as np
 
-from desensitize import inpainting, privacy
-from desensitize.attack_suite import Target, attacked_sample, attacker_data, cached_attack_suite
-from desensitize.checkpoints import load_checkpoint
-from desensitize.compute import executor
+from desensitize import stats
+from desensitize.attack import gate, inpainting, scores
+from desensitize.attack.cache import cached_attack_suite
+from desensitize.attack.suite import Target, attacked_sample, attacker_data
 from desensitize.config import Params
+from desensitize.data.splits import load_split
 from desensitize.errors import DesensitizeError
-from desensitize.inpainting import public_data
+from desensitize.learning.checkpoints import load_checkpoint
+from desensitize.learning.training import predict
 from desensitize.paths import Paths
 from desensitize.release import load_released, read_release_info
-from desensitize.reports import heatmap, image_grid, scaling_curves
-from desensitize.results import write_results
-from desensitize.splits import load_split
+from desensitize.reporting.figures import heatmap, image_grid, scaling_curves
+from desensitize.reporting.records import write_results
+from desensitize.runtime.compute import executor
+from desensitize.runtime.device import best_device, to_float
 from desensitize.storage import atomic_path
-from desensitize.training import best_device, predict, to_float
 
 log = logging.getLogger(__name__)
 
 
 def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
-    """Run the stage; returns the report (desensitize.results) with each attacker's wall
+    """Run the stage; returns the report (desensitize.reporting.records) with each attacker's wall
     time, which goes to the MLflow run only (raises if the gate fails while enforced, after writing
     them)."""
     cfg = params.attack
@@ -54,7 +56,7 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     idx = attacked_sample(len(raw.images), cfg.sample, params.seed)
     fill = inpainting.release_fill(info.fill, info.fill_value, params.seed)
     common = {"num_classes": len(raw.class_names), "model": model, "device": torch_device, "seed": params.seed}
-    public_set = public_data(public.images, public.labels)
+    public_set = inpainting.public_data(public.images, public.labels)
 
     target = Target(released.images[idx], released.masks[idx], raw.images[idx], raw.labels[idx])
     attacker = attacker_data(
@@ -66,13 +68,11 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
         release = cached_attack_suite(paths.attack_cache, target, attacker, fill, cfg, **common, ex=ex)
 
     test = load_split(paths.raw, "test")
-    reference = privacy.above_chance(int((predict(model, test.images, torch_device) == test.labels).sum()), test.labels)
-    verdict = privacy.gate(release["attackers"], release["limits"])
-    verdict.update(enforced=cfg.enforce, overridden=not verdict["passed"] and not cfg.enforce)
-    verdict["message"] = _message(verdict, release, cfg.assumed_attacker_images, reference)
+    reference = stats.above_chance(int((predict(model, test.images, torch_device) == test.labels).sum()), test.labels)
+    verdict = gate.verdict(release, enforce=cfg.enforce, budget=cfg.assumed_attacker_images, reference=reference)
     best = release["best_attacker"]
     truth = to_float(raw.images[idx]).numpy()
-    cells = privacy.cell_restoration(
+    cells = scores.cell_restoration(
         release["reconstructions"][best],
         release["reconstructions"][release["best_blind"]],
         truth,
@@ -96,11 +96,28 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
         "gate": verdict,
     }
     _report(paths, metrics, release, raw.images[idx], released.images[idx], cells)
-    write_results(paths, "attack", _without_timings(metrics))
+    report = _without_timings(metrics)
+    write_results(paths, "attack", report, headline(report))
     log.log(logging.INFO if reference["above"] else logging.WARNING, "%s", verdict["message"])
     if not verdict["passed"] and cfg.enforce:
         raise DesensitizeError(verdict["message"])
     return metrics
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """metrics/attack.json: the verdict, the strongest attacker, and per gated score what the gate compared
+    with its threshold (the highest judged value over the attackers) beside the threshold (`_max`)."""
+    worst = gate.judged(report)
+    names = dict(zip(gate.GATED, ("psnr_gain", "linkage", "recovery"), strict=True))
+    return {
+        "gate_passed": report["gate"]["passed"],
+        "best_attacker": report["best_attacker"],
+        **{
+            column: value
+            for score, name in names.items()
+            for column, value in ((name, worst[score]), (f"{name}_max", report["gate"]["limits"][score]))
+        },
+    }
 
 
 def _without_timings(tree: Any) -> Any:
@@ -111,44 +128,6 @@ def _without_timings(tree: Any) -> Any:
     if isinstance(tree, list):
         return [_without_timings(value) for value in tree]
     return tree
-
-
-def _violation(v: dict[str, Any], release: dict[str, Any], budget: int) -> str:
-    lo, hi = v["interval"]
-    text = f"{v['attacker']} {v['score']} {v['point']:.4g} (interval {lo:.4g} to {hi:.4g}"
-    fits = ((release["learned"] or {}).get("scaling") or {}).get("fits") or {}
-    added = fits.get(v["score"], {}).get("added", 0.0) if v["attacker"] == "learned" else 0.0
-    if added:
-        text += f"; +{added:.4g} projected to {budget} attacker images"
-    text += f") > {v['threshold']:.4g}"
-    if v["score"] == "linkage_within_class":
-        text += f" ({v['threshold'] / release['linkage_within_class_chance']:g}x within-class chance)"
-    return text
-
-
-def _weak_reference(reference: dict[str, Any]) -> str:
-    """What a reference model not clearly above chance means for the gate; empty when it is above."""
-    if reference["above"]:
-        return ""
-    return (
-        f"; the reference model is too weak for recognition recovery to mean anything: its raw test "
-        f"{reference['message']}"
-    )
-
-
-def _message(verdict: dict[str, Any], release: dict[str, Any], budget: int, reference: dict[str, Any]) -> str:
-    if verdict["passed"]:
-        return (
-            "privacy gate passed: every attacker stays under every threshold, upper interval ends included"
-            + _weak_reference(reference)
-        )
-    broken = "; ".join(_violation(v, release, budget) for v in verdict["violations"])
-    tail = (
-        "overridden by attack.enforce: false, the pipeline goes on"
-        if verdict["overridden"]
-        else "release blocked; hide more (masks.*) or set attack.enforce: false to record the failure and go on"
-    )
-    return f"privacy gate FAILED: {broken} ({tail}){_weak_reference(reference)}"
 
 
 def _interval(scores: dict[str, Any], key: str, fmt: str) -> str:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from desensitize.bundle.masked import random_release_of
 from desensitize.config import Params
+from desensitize.data.splits import split_shards
+from desensitize.learning.training import TrainingData, fit_comparison
 from desensitize.paths import Paths
-from desensitize.release import random_release_of, read_release_info
-from desensitize.splits import split_shards
-from desensitize.training import TrainingData, best_device, fit_comparison
+from desensitize.release import read_release_info
+from desensitize.runtime.device import best_device
 
 
 def train_baselines(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:

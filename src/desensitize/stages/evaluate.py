@@ -13,18 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from desensitize.cards import accuracy_with_interval
-from desensitize.checkpoints import load_checkpoint
+from desensitize.bundle.masked import random_release_of
 from desensitize.config import Params
+from desensitize.data.splits import split_shards
+from desensitize.learning.checkpoints import load_checkpoint
+from desensitize.learning.training import accuracy_report, images_of, predict_shards
 from desensitize.masknet import masknet_input
 from desensitize.paths import MODELS, Paths
-from desensitize.privacy import wilson_interval
-from desensitize.release import random_release_of, read_release_info, released_shards
-from desensitize.reports import confusion_matrix
-from desensitize.results import write_results
-from desensitize.splits import split_shards
+from desensitize.release import read_release_info, released_shards
+from desensitize.reporting.figures import confusion_matrix
+from desensitize.reporting.records import accuracy_with_interval, write_results
+from desensitize.runtime.device import best_device
+from desensitize.stats import wilson_interval
 from desensitize.storage import atomic_path
-from desensitize.training import accuracy_report, best_device, images_of, predict_shards
 
 
 def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
@@ -68,8 +69,13 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
         "n_test": len(raw),
     }
     _table(paths, metrics)
-    write_results(paths, "evaluate", metrics)
+    write_results(paths, "evaluate", metrics, headline(metrics))
     return metrics
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """metrics/evaluate.json: each model's test accuracy."""
+    return dict(report["accuracy"])
 
 
 def _table(paths: Paths, metrics: dict[str, Any]) -> None:

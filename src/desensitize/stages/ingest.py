@@ -1,7 +1,7 @@
 """The `ingest` stage: a source -> disjoint, stratified, seeded train / test / public shards.
 
 Exact duplicate images are dropped first, so no image content can appear in two splits. The
-same params always give byte-identical shards (format: desensitize.splits).
+same params always give byte-identical shards (format: desensitize.data.splits).
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import logging
 from typing import Any
 
 from desensitize.config import Params
+from desensitize.data.sources import drop_duplicates, load_source
+from desensitize.data.splits import FORMAT_VERSION, MANIFEST, split_indices
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
-from desensitize.sources import drop_duplicates, load_source
-from desensitize.splits import FORMAT_VERSION, MANIFEST, split_indices
 from desensitize.storage import atomic_dir, write_json, write_shards
 
 log = logging.getLogger(__name__)

@@ -5,8 +5,8 @@ registered as a torch.export program (`pt2`: loads with torch alone), any other 
 MaskedClassifier (desensitize.inference.export_format says which and why).
 
 A gate-failed release (reachable only with attack.enforce: false), or a model whose test accuracy
-is not clearly above chance (the majority-class rate of the test split, desensitize.privacy), is
-registered, visible and comparable, but never becomes `champion` (desensitize.registry).
+is not clearly above chance (the majority-class rate of the test split, desensitize.stats), is
+registered, visible and comparable, but never becomes `champion` (desensitize.tracking.registry).
 """
 
 from __future__ import annotations
@@ -17,30 +17,30 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from desensitize import privacy
-from desensitize.cards import write_cards
+from desensitize import stats
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
 from desensitize.inference import MaskedClassifier, export_format
 from desensitize.paths import Paths
-from desensitize.registry import CHALLENGER, MODEL, model_name, register_version, version_description
 from desensitize.release import load_released, read_release_info
-from desensitize.results import read_report
-from desensitize.versioning import dvc_md5
+from desensitize.reporting.cards import write_cards
+from desensitize.reporting.records import read_report
+from desensitize.tracking.registry import CHALLENGER, MODEL, model_name, register_version, version_description
+from desensitize.tracking.versioning import dvc_md5
 
 log = logging.getLogger(__name__)
 EXAMPLE_IMAGES = 2
 
 
 def register(params: Params, paths: Paths) -> dict[str, Any]:
-    """Run the stage inside its MLflow run (see desensitize.runner); returns what was registered."""
+    """Run the stage inside its MLflow run (see desensitize.orchestration.runner); returns what was registered."""
     run = mlflow.active_run()
     if run is None:
         raise DesensitizeError("the register stage logs into an MLflow run: run it through run_stage / the CLI")
     gate = read_report(paths, "attack")["gate"]
     accuracy = float(read_report(paths, "evaluate")["accuracy"][MODEL])
     labels = load_released(paths.release, "test").labels  # the test images that accuracy was measured on
-    chance = privacy.above_chance(round(accuracy * len(labels)), labels)
+    chance = stats.above_chance(round(accuracy * len(labels)), labels)
     info = read_release_info(paths.release)
     release_digest = dvc_md5(paths.release)
     image_saliency = info.scope == "image" and info.strategy == "saliency"

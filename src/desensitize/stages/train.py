@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from desensitize.config import Params
+from desensitize.learning.training import TrainingData, fit_comparison
 from desensitize.masknet import masknet_input
 from desensitize.paths import Paths
 from desensitize.release import read_release_info, released_shards
-from desensitize.training import TrainingData, best_device, fit_comparison
+from desensitize.runtime.device import best_device
 
 
 def train_on_release(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
