@@ -1,14 +1,16 @@
 """At equal privacy: the privacy-constrained search over attribution-guided masks against the same
-search over random masks (same budget: as many seeded random draws per cell and hidden ratio as there
-are templates), both held to the same gate.
+search over random masks (same budget: the grid's templates become as many seeded random draws, and
+with amortized scoring the cell sets searched from them become as many random cell sets), both held to
+the same gate.
 
 Per seed: the pipeline's ingest and reference stages in a temporary workspace, then the masks stage
 twice (masks.strategy saliency, then random; masks.template = search, masks.privacy = gate). For each
 release, `plain` (the `train` params) is trained on the masked train split and scored on the masked
 test split. Every setting not given below comes from --params (default params.yaml).
 
-Prints per seed the candidate each search released, its test accuracy, the full-gate runs and the
-screen's agreement with the full gate; then the margin (saliency - random) as mean +- std over seeds.
+Prints per seed the candidate each search released, its test accuracy, how many candidates it scored,
+the full-gate runs, the masks stage's seconds and the trade-off (what each privacy level would keep), and
+the screen's agreement with the full gate; then the margin (saliency - random) as mean +- std over seeds.
 A search that finds no passing candidate is reported as such (accuracy: none). Then every mask that
 went through the full gate, most useful first, with its judged scores: where the gate's edge lies, and
 which score stops each mask that fails. Rows go to --out; --rows summarises rows files of earlier runs
@@ -26,6 +28,7 @@ import argparse
 import ast
 import copy
 import csv
+import json
 import logging
 import tempfile
 import time
@@ -83,10 +86,12 @@ def run_seed(params, root: Path, device, strategies: list[str]) -> list[dict[str
         row: dict[str, Any] = {"seed": params.seed, "strategy": strategy}
         try:
             metrics = generate_masks(point, paths, device=str(device))
+            row["masks_seconds"] = round(time.perf_counter() - start, 1)
             record = metrics["search"]
             row.update(candidate=metrics["candidate"], plain=_plain_accuracy(point, paths, device))
         except SearchFailed as failed:
-            record = failed.result.record()
+            row["masks_seconds"] = round(time.perf_counter() - start, 1)
+            record = json.loads((paths.masks_reports / "search.json").read_text())
             row.update(candidate=None, plain=None, failure=str(failed))
         chosen = next((c for c in record["candidates"] if c["name"] == record["chosen"]), None)
         gated = [c for c in record["candidates"] if c["full"] is not None]
@@ -99,14 +104,21 @@ def run_seed(params, root: Path, device, strategies: list[str]) -> list[dict[str
             seconds=round(time.perf_counter() - start, 1),
             gated=[(c["name"], c["screen"], c["full"], c["predicted"], c["utility"]) for c in gated],
             limits=record["limits"],
+            scored=len(record["candidates"]),
+            scoring=record.get("scoring"),
+            tradeoff=[(r["level"], r["candidate"], r["utility"], r["basis"]) for r in record.get("tradeoff", [])],
         )
         rows.append(row)
         accuracy = "none (no candidate passed)" if row["plain"] is None else f"{row['plain']:.4f}"
         print(
             f"seed {params.seed} {strategy:<8} released {row['candidate']}: plain test accuracy {accuracy}; "
-            f"{len(gated)} full-gate runs; {row['seconds']} s",
+            f"{row['scored']} candidates scored ({row['scoring']}), {len(gated)} full-gate runs; masks stage "
+            f"{row['masks_seconds']} s, {row['seconds']} s with plain",
             flush=True,
         )
+        for level, name, utility, basis in row["tradeoff"]:
+            kept = "nothing found" if name is None else f"{name}: held-out utility {utility:.3f} ({basis})"
+            print(f"    at {level:g}x chance: {kept}", flush=True)
     return rows
 
 
@@ -232,6 +244,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--strategies", default="saliency,random", help="masks.strategy values to search")
+    parser.add_argument("--scoring", choices=("amortized", "trained"), help="masks.search.scoring (default: params)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("reports/mask_search.csv"))
     parser.add_argument("--rows", type=Path, nargs="+", help="summarise these rows files (--out of earlier runs)")
@@ -249,9 +262,11 @@ def main() -> None:
         data.update(source=args.source, path=args.path)
     if args.split:
         data["split"] = dict(zip(("train", "test", "public"), (float(x) for x in args.split.split(",")), strict=True))
+    search = base.setdefault("masks", {}).setdefault("search", {})
     if args.hidden_ratios:
-        search = base.setdefault("masks", {}).setdefault("search", {})
         search["hidden_ratios"] = args.hidden_ratios
+    if args.scoring:
+        search["scoring"] = args.scoring
     device = best_device(args.device)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []

@@ -72,7 +72,14 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory):
     return params, paths
 
 
-TINY_SEARCH = {"epochs": 2, "cells": [2], "hidden_ratios": [0.5], "screen": {"width": 8, "epochs": 1}}
+TINY_SEARCH = {
+    "epochs": 2,
+    "cells": [2],
+    "hidden_ratios": [0.5],
+    "screen": {"width": 8, "epochs": 1},
+    "amortized": {"epochs": 2, "attacker_epochs": 2, "sample": 100},
+    "cellsets": {"budget": 40, "beam": 2},
+}
 TINY_ATTACK = {
     "sample": 200,
     "attackers": ["telea", "learned"],

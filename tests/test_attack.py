@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import LENIENT_GATE, copy_project, tiny_params
 from desensitize.attack import gate, inpainting, scores
 from desensitize.attack.cache import cached_attack_suite, suite_digest
-from desensitize.attack.suite import Target, attack_suite, attacked_sample, attacker_data, sample_indices
+from desensitize.attack.suite import Scorer, Target, attack_suite, attacked_sample, attacker_data, sample_indices
 from desensitize.cli import app
 from desensitize.config import parse_params
 from desensitize.errors import DesensitizeError
@@ -346,3 +346,64 @@ def test_a_rerun_of_the_attack_stage_writes_the_same_metrics_and_keeps_timings_f
     assert [sha256_file(p) for p in files] == digests
     assert "seconds" not in paths.report("attack").read_text()
     assert first["attackers"]["learned"]["seconds"] > 0  # returned to the MLflow run only
+
+
+class _ReadsOneRegion(nn.Module):
+    """A reference model that reads the top-left 4x4 region only: class 1 where it holds a checkerboard
+    (of either phase), class 0 where it is flat. Its magnitude of correlation with the checkerboard decides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("checker", torch.tensor(np.indices((4, 4)).sum(axis=0) % 2 * 2.0 - 1.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = ((x[:, 0, :4, :4] - 0.5) * self.checker).sum(dim=(1, 2)).abs()
+        return torch.stack([0.8 - s, s - 0.8], dim=1)
+
+
+def _one_region(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """8x8 images, half of each class: the top-left 4x4 region flat at 128 (class 0) or a faint checkerboard
+    of random phase around it (class 1, +-26 levels); everything else uniform noise."""
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 256, (n, 1, 8, 8)).astype(np.int64)
+    phase = rng.integers(0, 2, n)[:, None, None]
+    checker = (np.indices((4, 4)).sum(axis=0)[None] + phase) % 2 * 2 - 1
+    images[:, 0, :4, :4] = 128 + np.where(labels[:, None, None] == 1, 26 * checker, 0)
+    return images.astype(np.uint8), labels
+
+
+def test_recognition_recovery_is_known_by_construction_and_fails_the_gate_alone():
+    """The mask hides the region the reference model reads, and the noise beside it. Released (zero fill)
+    and blind guesses (the class means of the public images: the checkerboard's phases average out) leave
+    the region flat, so the model says class 0 for every image: half right. An attacker that restores the
+    region exactly (and guesses the noise blind) makes it right on every image: recovery exactly +0.5,
+    with PSNR gain and linkage far under their limits, so the production gate fails on recovery alone; an
+    attacker that cannot restore the region recovers nothing and passes."""
+    rng = np.random.default_rng(0)
+    raw, labels = _one_region(rng, 400)
+    public, public_labels = _one_region(rng, 400)
+    masks = np.ones((400, 8, 8), dtype=np.uint8)
+    masks[:, :4, :] = 0  # the region and the noise to its right
+    released = apply_mask(raw, masks, np.zeros((1, 1, 1, 1), dtype=np.uint8))
+    cfg = parse_params({}).attack  # production thresholds, gallery and confidence
+    target = Target(released, masks, raw, labels)
+    scorer = Scorer(
+        target, inpainting.public_data(public, public_labels), cfg, num_classes=2, model=_ReadsOneRegion(), device=CPU,
+        seed=0,
+    )  # fmt: skip
+    blind = scorer.blind[scorer.best_blind]
+    restores = blind.copy()
+    restores[:, :, :4, :4] = raw[:, :, :4, :4] / 255  # the region exactly, the noise as the blind guess
+    assert scorer.baseline_correct.mean() == 0.5
+    attackers = {"restores": scorer(restores), "cannot": scorer(blind)}
+    for s in attackers.values():
+        s["judged"] = gate.upper_ends(s)
+    assert attackers["restores"]["recognition_recovery"] == 0.5
+    assert attackers["cannot"]["recognition_recovery"] == 0.0
+    low, high = attackers["restores"]["recognition_recovery_interval"]
+    assert 0.44 < low < 0.5 < high < 0.56  # +-1.96 x sqrt(0.25 / 400) = +-0.049 around 0.5
+    assert attackers["restores"]["psnr_gain"] < 0.5 and attackers["restores"]["linkage_within_class"] < 0.1
+    limits = gate.limits(cfg.thresholds, scorer.linkage_within_class_chance)
+    verdict = gate.check(attackers, limits)
+    assert [(v["attacker"], v["score"]) for v in verdict["violations"]] == [("restores", "recognition_recovery")]
+    assert gate.check({"cannot": attackers["cannot"]}, limits)["passed"]

@@ -43,7 +43,7 @@ ALLOWED = {
     "masking": {"kernel", "runtime", "learning"},
     "bundle": {"kernel", "formats", "data", "masking"},
     "attack": {"kernel", "runtime", "learning", "masking"},
-    "search": {"kernel", "formats", "runtime", "data", "learning", "masking", "bundle", "attack"},
+    "search": {"kernel", "formats", "runtime", "data", "learning", "masking", "bundle", "attack", "reporting"},
     "inference": {"kernel", "formats", "runtime", "learning", "masking"},
     "reporting": {"kernel", "formats"},
     "tracking": {"kernel", "data"},

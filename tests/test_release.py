@@ -118,7 +118,7 @@ def test_a_holdout_too_small_names_the_key_and_writes_nothing(tiny_project, tmp_
 @pytest.mark.parametrize("strategy", ["random", "center", "border"])
 def test_baseline_strategies_release_the_same_amount(tiny_project, tmp_path: Path, strategy: str):
     paths = _copy(tiny_project, tmp_path)
-    metrics = generate_masks(tiny_params(strategy=strategy, fill="mean"), paths, device="cpu")
+    metrics = generate_masks(tiny_params(strategy=strategy, fill="mean", template="mean"), paths, device="cpu")
     assert metrics["n_hidden_cells"] == 8 and metrics["attribution_images_per_second"] is None
     verify_release(paths.release, paths.raw)
     if strategy == "random":
@@ -218,6 +218,13 @@ def test_the_gated_search_releases_a_candidate_that_passed_the_full_gate_and_rec
     assert release["candidate"] == metrics["candidate"] and release["privacy"] == "gate"
     assert release["search"] == search == json.loads((paths.masks_reports / "search.json").read_text())
     verify_release(paths.release, paths.raw)
+    # Amortized scoring searched cell sets beyond the grid, and recorded the price of each level of privacy:
+    # the gate's own level (10,000x chance here) is the release, the looser ones the default 5x and 10x.
+    assert search["scoring"] == "amortized" and any(name.startswith("cells c2 ") for name in candidates)
+    assert [(row["level"], row["gate"]) for row in search["tradeoff"]] == [(5, False), (10, False), (10_000, True)]
+    assert search["tradeoff"][-1]["candidate"] == metrics["candidate"] and "cost" in search
+    assert (paths.masks_reports / "tradeoff.png").stat().st_size > 0
+    assert f"'{metrics['candidate']}'" in (paths.masks_reports / "summary.md").read_text()
 
 
 def test_when_no_candidate_passes_the_gate_the_stage_names_the_closest_and_releases_nothing(
@@ -225,11 +232,12 @@ def test_when_no_candidate_passes_the_gate_the_stage_names_the_closest_and_relea
 ):
     paths = _copy(tiny_project, tmp_path)
     params = tiny_params(privacy="gate", attack={"thresholds": FAILING_GATE})
-    with pytest.raises(DesensitizeError, match=r"no mask candidate passes the privacy gate .*closest: \w+ c2 h0.5"):
+    with pytest.raises(DesensitizeError, match=r"no mask candidate passes the privacy gate .*closest: .+ \(utility"):
         generate_masks(params, paths, device="cpu")
     assert not paths.release.exists() and not paths.masks_metrics.exists()
     record = json.loads((paths.masks_reports / "search.json").read_text())
-    assert record["chosen"] is None and len(record["candidates"]) == 4
+    assert record["chosen"] is None and len(record["candidates"]) >= 16  # the grid and every single cell
+    assert all(row["candidate"] is None for row in record["tradeoff"] if row["gate"])
 
 
 def test_a_search_grid_that_cannot_mask_these_images_names_the_key_before_any_work(tiny_project, tmp_path: Path):

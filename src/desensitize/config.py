@@ -98,19 +98,52 @@ class AttributionParams(_Section):
 
 
 class ScreenParams(_Section):
-    """The privacy screen of every search candidate: the learned attacker shortened to one width and a
-    fixed number of epochs, without the data-scaling curve, on the gate's sample."""
+    """The privacy screen of every search candidate: the learned attacker at one width, without the
+    data-scaling curve, on the gate's sample (trained scoring: a fixed number of epochs per candidate)."""
 
     width: int = Field(16, ge=4, le=256)
-    epochs: int = Field(8, ge=1, le=10_000)
+    epochs: int = Field(8, ge=1, le=10_000)  # trained scoring
+
+
+class AmortizedParams(_Section):
+    """masks.search.scoring = amortized: one utility model and one screen attacker, each trained once on
+    masks drawn from the search's candidate family, score every candidate at the cost of inference."""
+
+    epochs: int = Field(16, ge=1, le=1000)  # the utility model's (reference backbone and optimiser)
+    mask_channel: bool = True  # the utility model reads the mask as an extra channel (a MaskNet)
+    attacker_epochs: int = Field(40, ge=1, le=10_000)  # the screen attacker's at most (held-out early stopping)
+    sample: int = Field(500, ge=2, le=100_000)  # of the gate's attacked sample, the images each screen scores
+
+
+class CellSetParams(_Section):
+    """masks.search.scoring = amortized: beyond the grid, set-scope cell sets searched greedily: from every
+    single cell and the grid's masks, `beam` sets per size and privacy level grow one cell at a time."""
+
+    budget: int = Field(
+        300, ge=1, le=100_000
+    )  # masks scored in all, the grid's included (the random strategy: as many)
+    beam: int = Field(3, ge=1, le=100)  # sets kept per size and level; each grows by the 4 x beam best single cells
+    # Within-class linkage levels, as multiples of chance, the search keeps candidates for besides the gate's
+    # own: the trade-off the masks report shows (what each level of privacy would let the release keep).
+    levels: list[float] = Field(default=[5.0, 10.0], max_length=8)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> CellSetParams:
+        if any(not 1 <= level <= 10_000 for level in self.levels):
+            raise ValueError(f"levels {self.levels}: each must be in [1, 10000] (multiples of chance)")
+        return self
 
 
 class SearchParams(_Section):
-    """masks.template = search: candidate masks over templates x cells x hidden ratios (x scopes), each
-    scored for utility by a model trained through it and screened for privacy (README: the mask search)."""
+    """masks.template = search: candidate masks over templates x cells x hidden ratios (x scopes) and, with
+    amortized scoring, cell sets searched around them; each scored for utility and screened for privacy
+    (README: the mask search)."""
 
+    # amortized: shared models score every candidate (README: the mask search) | trained: each candidate
+    # trains its own utility model and screen attacker (the grid only; slow)
+    scoring: Literal["amortized", "trained"] = "amortized"
     holdout: float = Field(0.2, gt=0, lt=1)  # share of train held out to score the candidates
-    epochs: int = Field(8, ge=1, le=1000)  # epochs of the scoring model (reference backbone and optimiser)
+    epochs: int = Field(8, ge=1, le=1000)  # trained: each candidate's utility model (reference backbone and optimiser)
     templates: list[Literal[TEMPLATES[:-1]]] = Field(  # type: ignore[valid-type]
         default=["mean", "class_contrast", "mean_spread", "restorability"], min_length=1
     )
@@ -121,6 +154,8 @@ class SearchParams(_Section):
     # null: masks.scope only; [set, image]: per-image masks join the search
     scopes: list[Literal["set", "image"]] | None = Field(default=None, min_length=1)
     screen: ScreenParams = ScreenParams()
+    amortized: AmortizedParams = AmortizedParams()
+    cellsets: CellSetParams = CellSetParams()
     max_full_gates: int = Field(3, ge=1, le=1000)  # full attack-suite runs before the search gives up
 
     @model_validator(mode="after")

@@ -91,6 +91,8 @@ STAGES: dict[str, Stage] = {
                 p.masks_reports / "template.png",
                 p.masks_reports / "mask.png",
                 p.masks_reports / "search.json",  # every candidate's scores, also when none passed
+                p.masks_reports / "tradeoff.png",
+                p.masks_reports / "summary.md",
             ),
         ),
         Stage(

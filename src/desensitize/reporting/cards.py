@@ -70,6 +70,11 @@ def _mask_line(info: ReleaseInfo) -> str:
             f" Chosen by the privacy-constrained mask search: candidate '{info.candidate}', the most useful "
             f"candidate (of {n} searched) that passed the full privacy gate."
         )
+        if info.search.get("cost"):
+            line += (
+                f" What the release cost (held-out utility, README: the mask search): {info.search['cost']}; "
+                "the thresholds are the owner's to set in params.yaml."
+            )
     elif info.search:
         line += f" Chosen by the mask search (utility only, no privacy constraint): candidate '{info.candidate}'."
     return line

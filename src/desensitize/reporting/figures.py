@@ -5,8 +5,9 @@ Figure (no pyplot state)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,5 +158,51 @@ def errorbar_panels(panels: Sequence[Panel], path: Path, title: str) -> None:
         ax.tick_params(labelsize=7)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """Points of one series; `color` indexes matplotlib's cycle."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    marker: str = "o"
+    size: float = 12
+    color: int = 0
+
+
+@dataclass(frozen=True)
+class ScatterPanel:
+    series: list[Scatter]
+    xlabel: str
+    ylabel: str
+    vlines: dict[str, float] = field(default_factory=dict)  # label -> x, dashed
+    hlines: dict[str, float] = field(default_factory=dict)  # label -> y, dotted
+
+
+def scatter_panels(panels: Sequence[ScatterPanel], path: Path, title: str) -> None:
+    """Panels of points side by side (the mask search's trade-off), one legend at the right."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5 * len(panels), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    for ax, panel in zip(axes, panels, strict=True):
+        for s in panel.series:
+            ax.scatter(s.x, s.y, marker=s.marker, s=s.size, color=f"C{s.color % 10}", alpha=0.75, label=s.label)
+        for k, (label, x) in enumerate(panel.vlines.items()):
+            ax.axvline(x, color="gray", linestyle="--" if k == 0 else ":", linewidth=1, label=label)
+        for k, (label, y) in enumerate(panel.hlines.items()):
+            ax.axhline(y, color=f"C{(7 + k) % 10}", linestyle="-.", linewidth=1, label=label)
+        ax.set_xlabel(panel.xlabel, fontsize=8)
+        ax.set_ylabel(panel.ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    handles: dict[str, Any] = {}
+    for ax in axes:  # every label once, in the order first drawn
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title, fontsize=9)
     _save(fig, path)

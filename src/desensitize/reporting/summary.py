@@ -54,6 +54,8 @@ def text(paths: Paths) -> str:
             f"cells hidden; reference accuracy on masked test {m['reference_accuracy_on_masked_test']:.4f} "
             f"(random mask {m['reference_accuracy_on_random_masked_test']:.4f})"
         )
+        for line in tradeoff_lines((m.get("search") or {}).get("tradeoff") or []):
+            lines.append(f"tradeoff   {line}")
     if "attack" in reports:
         a = reports["attack"]
         best = a["attackers"][a["best_attacker"]]
@@ -118,3 +120,22 @@ def run_report(
         for key, value in flatten(read_json(path)).items():  # the headline figures (each stage's `headline`)
             lines.append(f"| {name}.json | {key} | {_format(value)} |")
     return "\n".join(lines) + "\n"
+
+
+def tradeoff_lines(table: Sequence[dict[str, Any]]) -> list[str]:
+    """The mask search's trade-off rows (desensitize.search.tradeoff) in words, one per level: the masks
+    stage's summary.md and `desensitize summary`."""
+    out = []
+    for row in table:
+        where = f"{row['level']:g}x chance (within-class linkage <= {row['linkage_limit']:.3f})"
+        if row["gate"]:
+            where += ", the gate's"
+        if row["candidate"] is None:
+            out.append(f"at {where}: no candidate found")
+            continue
+        linkage = row["scores"]["linkage_within_class"]
+        out.append(
+            f"at {where}: '{row['candidate']}', held-out utility {row['utility']:.3f}, within-class linkage "
+            f"{linkage:.3f} ({row['basis']})"
+        )
+    return out

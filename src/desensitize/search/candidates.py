@@ -120,7 +120,7 @@ def candidates(
             for tag, (name, weight, template) in templates_at[cell].items():
                 mask = template_mask(name, template, cell, ratio, (height, width))
                 settings = {**base, "template": name, **({} if weight is None else {"restorability_weight": weight})}
-                out.append(_fixed(f"{tag} {label}", settings, mask, template))
+                out.append(fixed(f"{tag} {label}", settings, mask, template))
         elif cfg.strategy == "saliency":
             train_masks = mask_from_maps(maps, cell, ratio)
             masks_for = _per_image_saliency(cfg, cell, ratio, train_masks, model, device, seed)
@@ -135,7 +135,7 @@ def candidates(
                 )
         else:
             mask = geometric_mask(cfg.strategy, height, width, cell, ratio)
-            out.append(_fixed(f"{cfg.strategy} {label}", {**base, "scope": "set", "template": None}, mask, None))
+            out.append(fixed(f"{cfg.strategy} {label}", {**base, "scope": "set", "template": None}, mask, None))
     return out
 
 
@@ -143,7 +143,7 @@ def _candidate(name: str, settings: dict, train_masks: np.ndarray, masks_for: Ma
     return Candidate(name, settings, train_masks, extra={"masks_for": masks_for, "template": template})
 
 
-def _fixed(name: str, settings: dict, mask: np.ndarray, template: np.ndarray | None) -> Candidate:
+def fixed(name: str, settings: dict, mask: np.ndarray, template: np.ndarray | None) -> Candidate:
     return _candidate(name, settings, mask, lambda _name, _split: mask, template)
 
 

@@ -69,6 +69,7 @@ class SearchResult:
     candidates: list[Candidate]
     limits: Scores
     calibration: Scores  # the screen's strength factor per score (see the module doc), as used at the end
+    base: Scores  # each score's blind-guess level
     agreement: dict[str, Any]
 
     def record(self) -> dict[str, Any]:
@@ -76,9 +77,16 @@ class SearchResult:
             "chosen": self.chosen.name if self.chosen else None,
             "limits": self.limits,
             "screen_calibration": self.calibration,
+            "screen_base": self.base,
             "screen_agreement": self.agreement,
             "candidates": [c.record() for c in self.candidates],
         }
+
+
+def calibrated(screen: Scores, strength: Scores, base: Scores) -> Scores:
+    """What the full gate is predicted to judge from a screen: base + strength x (screen - base) where
+    the screen is above the blind level, the screen as it is elsewhere (see the module doc)."""
+    return {s: base[s] + strength[s] * (v - base[s]) if v > base[s] else v for s, v in screen.items()}
 
 
 def agreement(candidates: list[Candidate], limits: Scores) -> dict[str, Any]:
@@ -126,8 +134,8 @@ def search(
     def scores(c: Candidate) -> tuple[float, Scores]:
         return float(utility(c)), {s: float(v) for s, v in screen(c).items() if s in limits}
 
-    unique = list(done.values())
-    for c, (u, screened) in zip(unique, (map_units or _in_order)(scores, unique), strict=True):
+    unscored = [c for c in done.values() if c.utility is None or c.screen is None]  # others came scored
+    for c, (u, screened) in zip(unscored, (map_units or _in_order)(scores, unscored), strict=True):
         c.utility, c.screen = u, screened
         log.info("search candidate %s: utility %.4f, screen %s", c.name, c.utility, _fmt(c.screen))
     for c in candidates:  # a candidate with the same masks as an earlier one shares its scores
@@ -137,7 +145,7 @@ def search(
     strength = dict.fromkeys(limits, 1.0)
 
     def predicted(c: Candidate) -> Scores:
-        return {s: base[s] + strength[s] * (v - base[s]) if v > base[s] else v for s, v in c.screen.items()}
+        return calibrated(c.screen, strength, base)
 
     waiting = sorted(done.values(), key=lambda c: -c.utility)  # one per mask; ties: the first given
     runs, chosen = 0, None
@@ -163,7 +171,7 @@ def search(
         for s in limits:  # a screen at or under the blind level says nothing about the factor
             if c.screen[s] - base[s] > MIN_SIGNAL * max(abs(limits[s] - base[s]), 1e-6):
                 strength[s] = max(strength[s], (c.full[s] - base[s]) / (c.screen[s] - base[s]))
-    result = SearchResult(chosen, candidates, limits, strength, agreement(candidates, limits))
+    result = SearchResult(chosen, candidates, limits, strength, base, agreement(candidates, limits))
     if chosen is None:
         raise SearchFailed(result)
     return result

@@ -11,7 +11,7 @@ most useful candidate, or with masks.privacy = gate the most useful that passes 
 from __future__ import annotations
 
 import logging
-from functools import cached_property, partial
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -31,8 +31,8 @@ from desensitize.masking.grid import SEARCH_STREAM
 from desensitize.paths import Paths
 from desensitize.release import FILL_STREAMS
 from desensitize.runtime.compute import Executor
-from desensitize.search.gated import Candidate, SearchFailed, search
-from desensitize.storage import InMemory, Shards, write_json
+from desensitize.search.gated import Candidate
+from desensitize.storage import InMemory, Shards
 
 log = logging.getLogger(__name__)
 
@@ -165,46 +165,3 @@ class Measures:
             self.paths.attack_cache, *self._target(c), a["fill"], self.params.attack, **a["common"], ex=ex
         )
         return gate.judged(result)
-
-
-def choose(
-    params: Params,
-    paths: Paths,
-    found: list[Candidate],
-    train_shards: Shards,
-    class_names: list[str],
-    mean: np.ndarray,
-    model: torch.nn.Module,
-    device: torch.device,
-    ex: Executor,
-) -> tuple[Candidate, dict[str, Any] | None]:
-    """The candidate to release and the search's record (None for a single candidate without the gate);
-    the candidates are scored as units on `ex`, the full gate's attacker probes too. The search trains on
-    and attacks every candidate's masked train images: it reads the split whole."""
-    cfg = params.masks
-    if cfg.privacy == "none" and len(found) == 1:
-        return found[0], None
-    measures = Measures(params, paths, train_shards, class_names, mean, model, device)
-    gpu = device.type == "cuda"
-    if cfg.privacy == "none":
-        for c, u in zip(found, ex.map(measures.utility, found, gpu=gpu, name="utility"), strict=True):
-            c.utility = u
-            log.info("candidate %s: held-out accuracy %.4f", c.name, c.utility)
-        chosen = max(found, key=lambda c: c.utility)  # ties: the first
-        return chosen, {"chosen": chosen.name, "candidates": [c.record() for c in found]}
-    try:
-        result = search(
-            found,
-            utility=measures.utility,
-            screen=measures.screen,
-            full=partial(measures.full, ex=ex),
-            limits=measures.limits,
-            max_full_gates=cfg.search.max_full_gates,
-            base={"linkage_within_class": measures.chance},
-            map_units=partial(ex.map, gpu=gpu, name="candidate"),
-        )
-    except SearchFailed as failed:
-        write_json(paths.masks_reports / "search.json", failed.result.record())
-        raise
-    write_json(paths.masks_reports / "search.json", result.record())
-    return result.chosen, result.record()

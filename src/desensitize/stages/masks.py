@@ -27,12 +27,14 @@ from desensitize.paths import Paths
 from desensitize.release import FILL_STREAMS, MaskSettings, write_release
 from desensitize.reporting.figures import heatmap, image_grid
 from desensitize.reporting.records import write_results
+from desensitize.reporting.summary import tradeoff_lines
 from desensitize.runtime.compute import executor
 from desensitize.runtime.device import best_device
+from desensitize.search import tradeoff
 from desensitize.search.candidates import candidates, check_grid, scan_train
 from desensitize.search.gated import Candidate
-from desensitize.search.measures import choose
-from desensitize.storage import Shards, atomic_dir
+from desensitize.search.run import choose
+from desensitize.storage import Shards, atomic_dir, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     """Run the stage; returns the report (desensitize.reporting.records) and the attribution speed
     (for the MLflow run only: a wall-clock figure would make identical reruns differ for DVC).
     The raw splits are read one shard at a time (attribution, release, verification, the reference's
-    accuracies); only the mask search (desensitize.search.measures.choose) holds the train split whole."""
+    accuracies); only the mask search (desensitize.search.run.choose) holds the train split whole."""
     cfg = params.masks
     manifest = read_manifest(paths.raw)
     channels, height, width = manifest["image_shape"]
@@ -105,6 +107,8 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
 
     first = shards["train"].read(0)
     _figures(paths, chosen, masks["train"], first["images"], released["train"].masked(first, 0)["images"])
+    if record and "tradeoff" in record:
+        _tradeoff(paths, record, accuracy["raw"])
     metrics = {
         **settings.model_dump(
             include={
@@ -168,6 +172,32 @@ def _figures(paths: Paths, chosen: Candidate, masks: np.ndarray, raw: np.ndarray
     heatmap(visible, out / "mask.png", "mask: share of images where a pixel is visible", cmap="gray")
     k = min(8, len(raw))
     image_grid([("raw", raw[:k]), ("released", released[:k])], out / "samples.png", "raw vs released (train)")
+
+
+def _tradeoff(paths: Paths, record: dict[str, Any], raw_accuracy: float) -> None:
+    """tradeoff.png and summary.md: what the search found at each level of privacy (desensitize.search.tradeoff)."""
+    chance = record["linkage_within_class_chance"]
+    tradeoff.figure(record, chance=chance, raw_accuracy=raw_accuracy, path=paths.masks_reports / "tradeoff.png")
+    lines = [
+        "# Mask search: the price of each level of privacy",
+        "",
+        f"{len(record['candidates'])} candidates scored ({record['scoring']} scoring); within-class chance "
+        f"{chance:.4f}; the screen's calibration {record['screen_calibration']}. Held-out utility: a model's "
+        "accuracy on held-out train images under the mask (test data is never used).",
+        "",
+        *(f"- {line}" for line in tradeoff_lines(record["tradeoff"])),
+        "",
+        f"What the release cost: {record['cost']}. Raw images: the reference model's raw test accuracy "
+        f"{raw_accuracy:.4f}"
+        + (
+            f"; a random mask of the release's grid and hidden count: utility {record['random_utility']:.3f}."
+            if record.get("random_utility") is not None
+            else "."
+        ),
+        "",
+    ]
+    with atomic_path(paths.masks_reports / "summary.md") as tmp:
+        tmp.write_text("\n".join(lines))
 
 
 def _reference_accuracy(
