@@ -52,7 +52,7 @@ POOL = 4096  # family masks the screen attacker draws its training masks from
 
 @dataclass(frozen=True)
 class Family:
-    """Cell masks of images of `size`: at each cell size, 1 to `most_visible[cell]` visible cells."""
+    """Cell masks of images of `size`: at each cell size, 1 to `most_visible[cell]` visible cells (see draw)."""
 
     size: tuple[int, int]
     most_visible: dict[int, int]
@@ -68,8 +68,9 @@ class Family:
         return cls(tuple(size), most)
 
     def draw(self, count: int, rng: np.random.Generator) -> np.ndarray:
-        """`count` masks (count, H, W), each at a random cell size with a random number of visible cells
-        (uniform from 1 to the most) in random places."""
+        """`count` masks (count, H, W), each at a random cell size with k visible cells in random places,
+        k from 1 to the most with probability proportional to 1/k: the models learn most about the few
+        visible cells where the gate's edge lies, and still see every size."""
         height, width = self.size
         cells = sorted(self.most_visible)
         out = np.empty((count, height, width), dtype=np.uint8)
@@ -77,7 +78,8 @@ class Family:
         for i, which in enumerate(sizes):
             cell = cells[which]
             gh, gw = grid_shape(height, width, cell)
-            keep = rng.integers(1, self.most_visible[cell] + 1)
+            weights = 1 / np.arange(1, self.most_visible[cell] + 1)
+            keep = 1 + rng.choice(len(weights), p=weights / weights.sum())
             visible = np.zeros(gh * gw, dtype=np.uint8)
             visible[rng.choice(gh * gw, keep, replace=False)] = 1
             out[i] = expand(visible.reshape(gh, gw), height, width, cell)
