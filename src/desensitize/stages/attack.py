@@ -26,13 +26,14 @@ from desensitize import stats
 from desensitize.attack import gate, inpainting, scores
 from desensitize.attack.cache import cached_attack_suite
 from desensitize.attack.suite import Target, attacked_sample, attacker_data
+from desensitize.bundle.verify import verified_release
 from desensitize.config import Params
 from desensitize.data.splits import load_split
 from desensitize.errors import DesensitizeError
 from desensitize.learning.checkpoints import load_checkpoint
 from desensitize.learning.training import predict
 from desensitize.paths import Paths
-from desensitize.release import load_released, read_release_info
+from desensitize.release import load_released
 from desensitize.reporting.figures import heatmap, image_grid, scaling_curves
 from desensitize.reporting.records import write_results
 from desensitize.runtime.compute import executor
@@ -47,7 +48,7 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     time, which goes to the MLflow run only (raises if the gate fails while enforced, after writing
     them)."""
     cfg = params.attack
-    info = read_release_info(paths.release)
+    info = verified_release(paths.release, paths.raw)
     released = load_released(paths.release, "train")
     raw = load_split(paths.raw, "train")
     public = load_split(paths.raw, "public")

@@ -14,13 +14,14 @@ from typing import Any
 import numpy as np
 
 from desensitize.bundle.masked import random_release_of
+from desensitize.bundle.verify import verified_release
 from desensitize.config import Params
 from desensitize.data.splits import split_shards
 from desensitize.learning.checkpoints import load_checkpoint
 from desensitize.learning.training import accuracy_report, images_of, predict_shards
 from desensitize.masknet import masknet_input
 from desensitize.paths import MODELS, Paths
-from desensitize.release import read_release_info, released_shards
+from desensitize.release import released_shards
 from desensitize.reporting.figures import confusion_matrix
 from desensitize.reporting.records import accuracy_with_interval, write_results
 from desensitize.runtime.device import best_device
@@ -30,7 +31,7 @@ from desensitize.storage import atomic_path
 
 def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns the report written to reports/evaluate/report.json (headline: metrics/evaluate.json)."""
-    info = read_release_info(paths.release)
+    info = verified_release(paths.release, paths.raw)
     released = released_shards(paths.release, "test")  # every test set is read one shard at a time
     raw = split_shards(paths.raw, "test")
     inputs = {
