@@ -95,7 +95,7 @@ def desensitization_sweep(
     """The sweep of `desensitize sweep` (same axes, same results), its units as tasks; returns the rows."""
     path = Path(params_file).resolve()
     params = load_params(path)
-    check_axes(scopes=scopes, ratios=ratios, cells=cells, strategies=strategies, templates=templates)
+    check_axes(seeds=seeds, scopes=scopes, ratios=ratios, cells=cells, strategies=strategies, templates=templates)
     warn_if_capped(params.compute)  # the units run as tasks here, not through desensitize's executor
     return run_sweep(
         params,
