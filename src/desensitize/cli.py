@@ -208,11 +208,20 @@ def repro(ctx: typer.Context) -> None:
     """`dvc repro` inside one MLflow parent run, whose children are the stage runs (what `make run`
     does). Extra arguments go to `dvc repro`. A bare `dvc repro` works too, with stand-alone stage runs."""
     from desensitize.tracking.runs import pipeline_run
+    from desensitize.tracking.versioning import dvc_lock_holders
 
     paths = Paths()
     check_for_dvc(paths.params_file)  # before the MLflow run: a file DVC would reject starts nothing
     with pipeline_run(paths) as run_id:
         result = subprocess.run([sys.executable, "-m", "dvc", "repro", *ctx.args], check=False)
+        # DVC names no reason in its exit status: a refusal for its lock is told by who holds the lock now.
+        holders = dvc_lock_holders(paths.root) if result.returncode != 0 else []
+        if holders:
+            raise DesensitizeError(
+                f"dvc repro exited with status {result.returncode}: another run holds this project's DVC lock "
+                f"({', '.join(holders)}); MLflow run {run_id} marked FAILED. Wait for that run to end, then run "
+                "again"
+            )
         if result.returncode != 0:
             raise DesensitizeError(
                 f"dvc repro exited with status {result.returncode}; MLflow run {run_id} marked FAILED. DVC "
