@@ -86,6 +86,8 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
         "confidence": cfg.confidence,
         "linkage_chance": release["linkage_chance"],
         "linkage_within_class_chance": release["linkage_within_class_chance"],
+        # within-class galleries (and their chance) are of the classes the sample holds
+        "sample_classes": stats.class_coverage(raw.labels[idx], raw.class_names),
         "attackers": release["attackers"],
         "blind": release["blind"],
         "best_blind": release["best_blind"],
@@ -166,7 +168,13 @@ def _report(
         "",
         f"Mask: {metrics['mask']}. Sample: {metrics['sample']} released train images. Linkage chance: "
         f"{metrics['linkage_chance']:.4f} over all sampled images, {metrics['linkage_within_class_chance']:.4f} "
-        f"within each class. Blind reference for PSNR gain: {metrics['best_blind']}.",
+        f"within each of the {metrics['sample_classes']['present']} classes in the sample"
+        + (
+            f" (absent from it: {', '.join(repr(name) for name in metrics['sample_classes']['absent'])})"
+            if metrics["sample_classes"]["absent"]
+            else ""
+        )
+        + f". Blind reference for PSNR gain: {metrics['best_blind']}.",
         f"Hidden information (share of content under the mask): {metrics['hidden_information']:.3f}."
         + (
             " The mask search ran this suite on this release; its result is reused."
