@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -159,9 +160,8 @@ def run_sweep(
             ex = units or stack.enter_context(executor(params.compute))
 
             def record(i: int, row: dict[str, Any]) -> None:
-                name, seed = runs[i].name, runs[i].params.seed
                 if parent:
-                    log_sweep_point(parent, f"{name}-seed-{seed}", runs[i].params, row)
+                    log_sweep_point(parent, _point_key(runs[i]), runs[i].params, row)
 
             def done(k: int, row: dict[str, Any]) -> None:
                 i = todo[k]
@@ -187,7 +187,7 @@ def run_sweep(
             point = partial(run_point, out=out, attack=attack, device=device)
             ex.map(point, [runs[i] for i in todo], gpu=gpu, name="sweep-point", done=done)
     except KeyboardInterrupt as exc:
-        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else 2  # SIGINT
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
         raise SweepInterrupted(_kept(out, rows), signum) from None
     _write(out, rows, attack)
     (out / PARTIAL).unlink(missing_ok=True)
