@@ -29,7 +29,7 @@ from desensitize.config import ComputeParams, load_params
 from desensitize.orchestration.sweep import run_sweep
 from desensitize.orchestration.sweep_plan import check_axes
 from desensitize.paths import Paths
-from desensitize.runtime.compute import cluster_kwargs, run_unit, scheduler
+from desensitize.runtime.compute import cluster_kwargs, run_unit, scheduler, warn_if_capped
 
 FLOW_NAME = "desensitization-sweep"
 U = TypeVar("U")
@@ -95,7 +95,8 @@ def desensitization_sweep(
     """The sweep of `desensitize sweep` (same axes, same results), its units as tasks; returns the rows."""
     path = Path(params_file).resolve()
     params = load_params(path)
-    check_axes(scopes=scopes, ratios=ratios, cells=cells, strategies=strategies, templates=templates)
+    check_axes(seeds=seeds, scopes=scopes, ratios=ratios, cells=cells, strategies=strategies, templates=templates)
+    warn_if_capped(params.compute)  # the units run as tasks here, not through desensitize's executor
     return run_sweep(
         params,
         Path(out) if Path(out).is_absolute() else path.parent / out,

@@ -56,6 +56,36 @@ def test_the_scheduler_comes_from_the_environment_first(monkeypatch):
     assert cluster_kwargs(ComputeParams(workers=3))["n_workers"] == 3
 
 
+def test_a_scheduler_address_of_an_unknown_scheme_is_one_clean_error(monkeypatch):
+    """As for `bogus`: the variable named, what is expected, before any Dask client is made."""
+    monkeypatch.setenv(SCHEDULER_ENV, "foo://bar")
+    with pytest.raises(DesensitizeError, match=rf"{SCHEDULER_ENV}='foo://bar': expected local, sync or a scheduler"):
+        with executor(ComputeParams()) as ex:
+            ex.map(_draw, [1, 2])
+
+
+def _threads(unit: int) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def test_threads_beyond_the_cores_are_capped_at_the_cores_with_a_warning(monkeypatch, caplog):
+    """compute.threads 1000 on 2 cores: each unit runs with 2 torch threads (what compute.threads 2 gives),
+    and the log says so; within the cores the setting is taken as it is, without a word."""
+    import desensitize.runtime.compute as compute
+
+    monkeypatch.setattr(compute, "cores", lambda: 2)
+    with caplog.at_level("WARNING", logger="desensitize.runtime.compute"):
+        with executor(ComputeParams(scheduler="sync", threads=1)) as ex:
+            assert ex.map(_threads, [0, 1]) == [1, 1]
+        assert not caplog.records
+        with executor(ComputeParams(scheduler="sync", threads=1000)) as ex:
+            assert ex.map(_threads, [0, 1]) == [2, 2]
+    assert "compute.threads = 1000 is more than the 2 CPU cores" in caplog.text
+    assert "capped at 2" in caplog.text
+
+
 def test_units_on_a_local_cluster_equal_the_sequential_results(monkeypatch):
     monkeypatch.delenv(SCHEDULER_ENV)
     units = [3, 1, 2, 0]

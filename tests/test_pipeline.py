@@ -153,3 +153,43 @@ def test_a_changed_image_folder_makes_ingest_stale(project: Path, tmp_path: Path
     _image(images / "a", "new.png", 255)
     status = json.loads(_run(project, sys.executable, "-m", "dvc", "status", "--json", "ingest").stdout)
     assert status == {"ingest": [{"changed deps": {str(images): "modified"}}]}
+
+
+HOLD_LOCK = """
+import sys, time
+import zc.lockfile
+lock = zc.lockfile.LockFile(sys.argv[1])  # DVC's repo lock, as a running `dvc repro` holds it
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+def test_repro_refused_because_another_run_holds_the_lock_says_so(project: Path):
+    """Another process holds DVC's lock: first the repo lock (held while DVC collects the stages), then a
+    stage's output in .dvc/tmp/rwlock (held while a stage runs). Either way DVC refuses, and `desensitize
+    repro` ends saying that another run holds the lock, naming it, without the `dvc checkout` hint."""
+    (project / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(project / ".dvc" / "tmp" / "lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        refused = _run(project, sys.executable, "-m", "desensitize", "repro")
+        rwlock = {"read": {}, "write": {str(project / "data" / "raw"): {"pid": holder.pid, "cmd": "dvc repro"}}}
+        holder.kill()
+        holder.wait()
+        blocker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+        rwlock["write"][str(project / "data" / "raw")]["pid"] = blocker.pid
+        (project / ".dvc" / "tmp" / "rwlock").write_text(json.dumps(rwlock))
+        busy = _run(project, sys.executable, "-m", "desensitize", "repro")
+        blocker.kill()
+        blocker.wait()
+    finally:
+        holder.kill()
+    for result, pid in ((refused, holder.pid), (busy, blocker.pid)):
+        assert result.returncode == 2, result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: dvc repro exited with status"), last
+        assert "another run holds this project's DVC lock" in last and f"PID {pid}" in last, last
+        assert "dvc checkout" not in last
+    assert not (project / "data" / "raw").exists()

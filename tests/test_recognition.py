@@ -57,8 +57,8 @@ def test_masknet_logits_ignore_hidden_pixels(backbone: str, shape: tuple[int, in
 )
 def test_a_set_mask_classifier_masks_as_the_release_does_and_exports(backbone: str, masknet: bool | dict):
     """SetMaskClassifier, what a set-scope release with a constant fill is registered as, computes in
-    torch what the release and training compute with numpy, on floats off the uint8 grid and outside
-    [0, 1] too, and torch.export captures it (eval mode: batch norm's running stats, no dropout) with
+    torch what the release and training compute with numpy, on floats in [0, 1] off the uint8 grid too,
+    and torch.export captures it (eval mode: batch norm's running stats, no dropout) with
     the batch size left free."""
     channels, size = (1, 8) if backbone == "small_cnn" else (3, 32)
     torch.manual_seed(0)
@@ -78,7 +78,7 @@ def test_a_set_mask_classifier_masks_as_the_release_does_and_exports(backbone: s
     masks = np.broadcast_to(mask, (5, size, size))
     released = apply_mask(raw, masks, fill)
     floats = raw.astype(np.float32) / 255 + rng.uniform(-0.4, 0.4, raw.shape).astype(np.float32) / 255
-    assert floats.min() < 0 and floats.max() > 1
+    floats = np.clip(floats, 0, 1)  # off the grid, inside [0, 1]: what the model accepts
     with torch.no_grad():
         expected = model(to_float(with_mask_channel(released, masks) if masknet else released))
         torch.testing.assert_close(classifier(torch.from_numpy(floats)), expected)
@@ -86,6 +86,35 @@ def test_a_set_mask_classifier_masks_as_the_release_does_and_exports(backbone: s
         exported = torch.export.export(classifier, example, dynamic_shapes=[{0: torch.export.Dim.AUTO}]).module()
         torch.testing.assert_close(exported(torch.from_numpy(floats)), expected)
         torch.testing.assert_close(exported(torch.from_numpy(floats[:1])), expected[:1])
+
+
+def test_the_exported_program_itself_refuses_values_outside_0_1_and_nan(tmp_path: Path):
+    """What the registry stores as pt2, saved and loaded with torch alone (no code of ours): images in
+    [0, 1] give the classifier's logits; 0..255 floats, a value a little outside [0, 1] or a NaN raise an
+    error that says what the model accepts, from the program itself."""
+    torch.manual_seed(0)
+    model = build_model({"backbone": "small_cnn", "in_channels": 1, "num_classes": 10, "masknet": True}).eval()
+    mask = (np.random.default_rng(0).random((8, 8)) > 0.5).astype(np.uint8)
+    classifier = SetMaskClassifier(model, mask, np.zeros((1, 1, 1, 1), np.uint8), mask_channel=True).eval()
+    images = torch.rand(4, 1, 8, 8)
+    images[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # the ends of the range are accepted
+    with torch.no_grad():
+        program = torch.export.export(classifier, (images[:2],), dynamic_shapes=[{0: torch.export.Dim.AUTO}])
+    torch.export.save(program, tmp_path / "model.pt2")
+    loaded = torch.export.load(tmp_path / "model.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), classifier(images))
+        nan = images.clone()
+        nan[1, 0, 3, 3] = float("nan")
+        for bad, problem in (
+            (images * 255, "values outside"),
+            (images - 1e-3, "values outside"),
+            (nan, "NaN"),
+        ):
+            with pytest.raises(RuntimeError, match=rf"input images hold {problem}.*float32 .* in \[0, 1\]"):
+                loaded(bad)
+            with pytest.raises(RuntimeError, match=rf"input images hold {problem}"):
+                classifier(bad)
 
 
 def test_only_a_set_mask_with_a_constant_fill_is_registered_as_pt2():

@@ -163,6 +163,7 @@ def test_a_version_carries_its_model_card_and_its_signature(project):
     # A set-scope release with a zero fill: a torch.export program, and the card says how to load it.
     assert version.tags["model_format"] == "pt2" and "model_format_reason" not in version.tags
     assert "Format `pt2`" in card and "mlflow.pyfunc.load_model('models:/masknet-digits@champion')" in card
+    assert "Input: float32 images (N, 1, 8, 8) with values in [0, 1], the raw uint8 levels divided by 255" in card
 
     uri = f"models:/{NAME}/1"
     info = mlflow.models.get_model_info(uri)
@@ -174,6 +175,13 @@ def test_a_version_carries_its_model_card_and_its_signature(project):
     assert example.dtype == np.float32 and example.shape[1:] == (1, 8, 8) and 0 <= example.min() <= example.max() <= 1
     pyfunc = mlflow.pyfunc.load_model(uri)
     logits = np.asarray(pyfunc.predict(example))
+    # 0..255 floats or a NaN: the exported program refuses them (no clipping to 1, no NaN logits).
+    with pytest.raises(Exception, match=r"input images hold values outside \[0, 1\]; the model takes float32"):
+        pyfunc.predict(example * np.float32(255))
+    nan = example.copy()
+    nan[0, 0, 3, 3] = np.nan
+    with pytest.raises(Exception, match=r"input images hold NaN"):
+        pyfunc.predict(nan)
     native = mlflow.pytorch.load_model(uri)
     assert not isinstance(native, MaskedClassifier)  # an exported graph: no class of ours was unpickled
     np.testing.assert_array_equal(logits, native(torch.from_numpy(example)).detach().numpy())

@@ -183,6 +183,18 @@ def test_verify_catches_an_altered_checksum_and_cli_exits_nonzero(released: Path
     assert "test-000.npz: checksum differs" in result.output
 
 
+def test_verify_names_a_missing_shard_in_one_line(released: Paths, monkeypatch):
+    (released.release / "test-000.npz").unlink()
+    monkeypatch.chdir(released.root)
+    result = CliRunner().invoke(app, ["verify-release", "data/release"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line == (
+        "error: data/release/test-000.npz: shard listed in release.json is missing (the release bundle is "
+        "incomplete; make it again)"
+    )
+
+
 def test_a_failed_verification_leaves_no_release(tiny_project, tmp_path: Path, monkeypatch):
     paths = _copy(tiny_project, tmp_path)
 

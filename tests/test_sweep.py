@@ -1,6 +1,10 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +12,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_params
 from desensitize.cli import app
+from desensitize.config import parse_params
+from desensitize.errors import DesensitizeError
+from desensitize.orchestration import sweep
 from desensitize.orchestration.frontier import accuracy_at_privacy, matched_privacy
 from desensitize.orchestration.sweep import COLUMNS, _write, run_sweep
 from desensitize.orchestration.sweep_plan import SEARCHED, grid
@@ -137,6 +144,139 @@ def test_sweep_cli_rejects_bad_axes_before_any_work(tmp_path: Path):
         assert result.exit_code == 2, result.output
         assert expected in result.output
     assert not out.exists()
+
+
+def test_sweep_cli_refuses_an_empty_axis_naming_the_option(tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    out = tmp_path / "out"
+    for option, value, expected in (
+        ("--seeds", "", "error: --seeds: give at least one value"),
+        ("--seeds", " , ", "error: --seeds: give at least one value"),
+        ("--ratios", "", "error: --ratios: give at least one value"),
+        ("--seeds", "0,1,0", "error: --seeds: 0 given twice"),
+    ):
+        result = CliRunner().invoke(app, ["sweep", "-p", str(params), "--out", str(out), option, value])
+        assert result.exit_code == 2, (option, value, result.output)
+        assert result.output.startswith(expected), result.output
+    assert not out.exists()
+
+
+AXES = {
+    "scopes": ["set"],
+    "ratios": [0.25, 0.5, 0.75],
+    "cells": [4],
+    "strategies": ["random"],
+    "templates": ["mean"],
+    "searched": False,
+    "attack": False,
+}
+
+
+def _fake_points(monkeypatch, stop_at: int | None = None, signum: int | None = None) -> list[str]:
+    """The sweep's points without their stages: each gives a row made from its params. The `stop_at`-th
+    call is interrupted instead: Ctrl-C, or the signal `signum` sent to this process. Returns the points
+    called, in order."""
+    calls: list[str] = []
+
+    def point(run, out, attack, device):
+        calls.append(f"{run.name}-seed-{run.params.seed}")
+        if len(calls) == stop_at:
+            if signum is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler interrupts the sleep
+        ratio = run.params.masks.hidden_ratio
+        return _row(run.params.seed, run.point.family, ratio, None, None, 0.9 - ratio / 2, 0.95 - ratio / 2)
+
+    monkeypatch.setattr(sweep, "run_point", point)
+    monkeypatch.setattr(sweep, "prepare_seed", lambda params, out, device, seed: None)
+    return calls
+
+
+def _results(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("results.csv", "summary.md")}
+
+
+def test_an_interrupted_sweep_keeps_the_previous_results_and_a_rerun_resumes(tmp_path: Path, monkeypatch):
+    params, out = parse_params({}), tmp_path / "sweep"
+    _fake_points(monkeypatch)
+    run_sweep(params, out, seeds=[0], **AXES)
+    previous = _results(out)
+    assert not (out / "partial.jsonl").exists()
+
+    calls = _fake_points(monkeypatch, stop_at=3)
+    with pytest.raises(sweep.SweepInterrupted) as raised:
+        run_sweep(params, out, seeds=[0, 1], **AXES)
+    assert str(raised.value) == (
+        f"sweep interrupted after 2 of 6 points: the points finished are kept in {out / 'partial.jsonl'}, marked "
+        f"partial (the same sweep run again resumes from them); {out / 'results.csv'} and summary.md still hold "
+        "the previous complete sweep"
+    )
+    assert raised.value.signum == signal.SIGINT
+    assert _results(out) == previous  # the previous complete sweep, untouched
+    kept = [json.loads(line) for line in (out / "partial.jsonl").read_text().splitlines()]
+    assert [record["point"] for record in kept] == calls[:2]
+
+    calls = _fake_points(monkeypatch)
+    rows = run_sweep(params, out, seeds=[0, 1], **AXES)
+    assert calls == [f"random-set-c4-{ratio:g}-seed-{seed}" for seed in (0, 1) for ratio in AXES["ratios"]][2:]
+    assert [(row["seed"], row["hidden_ratio"]) for row in rows] == [(s, r) for s in (0, 1) for r in AXES["ratios"]]
+    assert not (out / "partial.jsonl").exists()
+    _fake_points(monkeypatch)
+    run_sweep(params, tmp_path / "whole", seeds=[0, 1], **AXES)
+    assert _results(out) == _results(tmp_path / "whole")  # resumed = run at once
+
+
+def test_a_sweep_refuses_the_finished_points_of_another_sweep(tmp_path: Path, monkeypatch):
+    params, out = parse_params({}), tmp_path / "sweep"
+    _fake_points(monkeypatch, stop_at=2)
+    with pytest.raises(sweep.SweepInterrupted, match=r"were not written \(no sweep in it has completed\)"):
+        run_sweep(params, out, seeds=[0], **AXES)
+    other = parse_params({"train": {"epochs": 3}})
+    calls = _fake_points(monkeypatch)
+    with pytest.raises(DesensitizeError, match=r"partial.jsonl: holds the finished point 'random-set-c4-0.25-seed-0'"):
+        run_sweep(other, out, seeds=[0], **AXES)
+    assert calls == [] and not (out / "results.csv").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_sweep_command_stopped_by_a_signal_says_what_it_kept(tmp_path: Path, monkeypatch, signum: int):
+    params, out = tmp_path / "params.yaml", tmp_path / "out"
+    params.write_text("{}\n")
+    _fake_points(monkeypatch, stop_at=2, signum=signum)
+
+    def unhandled(*_):  # without the command's own handler SIGTERM would end the test process
+        raise RuntimeError("SIGTERM reached the test's guard")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        result = CliRunner().invoke(
+            app,
+            [
+                "sweep",
+                "-p",
+                str(params),
+                "--out",
+                str(out),
+                "--scopes",
+                "set",
+                "--ratios",
+                "0.25,0.5",
+                "--cells",
+                "4",
+                "--strategies",
+                "random",
+                "--no-searched",
+                "--no-attack",
+            ],
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert result.exit_code == 128 + signum, result.output
+    (line,) = result.output.strip().splitlines()[-1:]
+    assert line.startswith("error: sweep interrupted after 1 of 2 points: the points finished are kept in ")
+    assert len((out / "partial.jsonl").read_text().splitlines()) == 1 and not (out / "results.csv").exists()
 
 
 @pytest.mark.slow

@@ -6,13 +6,15 @@ tracked in MLflow by `run_stage`; `desensitize repro` wraps `dvc repro` in one p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -206,11 +208,20 @@ def repro(ctx: typer.Context) -> None:
     """`dvc repro` inside one MLflow parent run, whose children are the stage runs (what `make run`
     does). Extra arguments go to `dvc repro`. A bare `dvc repro` works too, with stand-alone stage runs."""
     from desensitize.tracking.runs import pipeline_run
+    from desensitize.tracking.versioning import dvc_lock_holders
 
     paths = Paths()
     check_for_dvc(paths.params_file)  # before the MLflow run: a file DVC would reject starts nothing
     with pipeline_run(paths) as run_id:
         result = subprocess.run([sys.executable, "-m", "dvc", "repro", *ctx.args], check=False)
+        # DVC names no reason in its exit status: a refusal for its lock is told by who holds the lock now.
+        holders = dvc_lock_holders(paths.root) if result.returncode != 0 else []
+        if holders:
+            raise DesensitizeError(
+                f"dvc repro exited with status {result.returncode}: another run holds this project's DVC lock "
+                f"({', '.join(holders)}); MLflow run {run_id} marked FAILED. Wait for that run to end, then run "
+                "again"
+            )
         if result.returncode != 0:
             raise DesensitizeError(
                 f"dvc repro exited with status {result.returncode}; MLflow run {run_id} marked FAILED. DVC "
@@ -283,12 +294,15 @@ def sweep(
     seed x scope x cell x ratio x strategy (x template for set-scope saliency), without a privacy
     constraint, plus the gated searched mask per seed and scope (other settings from the params
     file). Writes results.csv, summary.md (mean +- std over seeds, accuracy at the gate's limits) and
-    frontier.png to --out."""
-    from desensitize.orchestration.sweep import run_sweep
+    frontier.png to --out when every point has finished; meanwhile each finished point goes to
+    partial.jsonl there, and an interrupted sweep (Ctrl-C, SIGTERM) run again with the same options
+    resumes from it, leaving the previous complete results in place until then."""
+    from desensitize.orchestration.sweep import SweepInterrupted, run_sweep
     from desensitize.orchestration.sweep_plan import check_axes
 
     base = load_params(params)
     axes = {
+        "seeds": _split(seeds, int),
         "scopes": _split(scopes, str),
         "ratios": _split(ratios, float),
         "cells": _split(cells, int),
@@ -296,13 +310,25 @@ def sweep(
         "templates": _split(templates, str),
     }
     check_axes(**axes)
-    run_sweep(
-        base,
-        out,
-        seeds=_split(seeds, int),
-        **axes,
-        searched=searched,
-        attack=attack,
-        device=device,
-        track=Paths(params.resolve().parent),
-    )
+    try:
+        with _sigterm_as_interrupt():
+            run_sweep(
+                base, out, **axes, searched=searched, attack=attack, device=device, track=Paths(params.resolve().parent)
+            )
+    except SweepInterrupted as exc:  # says what was kept; the exit status says which signal
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(128 + exc.signum) from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt(SIGTERM), as Ctrl-C does, so a sweep stops the same way."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

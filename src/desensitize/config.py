@@ -236,6 +236,10 @@ class AttackParams(_Section):
     enforce: bool = True  # false: record a failed gate but let the pipeline go on (an analyst's override)
 
 
+# compute.scheduler (and DESENSITIZE_SCHEDULER): local, sync, or a Dask scheduler address of a scheme Dask serves.
+SCHEDULER_PATTERN = r"^(local|sync|(tcp|tls|inproc|ucx|ws|wss)://\S+)$"
+
+
 class ComputeParams(_Section):
     """Where the independent units of work (sweep points, mask-search candidates, attacker probes) run
     (desensitize.runtime.compute). None of it changes a result, except `threads`."""
@@ -243,10 +247,11 @@ class ComputeParams(_Section):
     # local: a Dask LocalCluster sized to the machine, started and stopped by the run | sync: in this
     # process, one unit after another | tcp://host:port (or tls://): an existing Dask scheduler. The
     # environment variable DESENSITIZE_SCHEDULER overrides it.
-    scheduler: str = Field("local", pattern=r"^(local|sync|(tcp|tls|inproc|ucx)://\S+)$")
+    scheduler: str = Field("local", pattern=SCHEDULER_PATTERN)
     workers: int | None = Field(None, ge=1, le=4096)  # local: worker processes; None: CPU cores // threads (1 per GPU)
     # torch CPU threads each unit runs with, on any scheduler: torch splits its reductions by thread count,
-    # so the same unit gives the same bits only with the same threads.
+    # so the same unit gives the same bits only with the same threads. Capped at the cores of the process
+    # that runs the unit, with a warning (desensitize.runtime.compute.unit_threads).
     threads: int = Field(2, ge=1, le=1024)
     retries: int = Field(2, ge=0, le=100)  # local: times a unit whose worker died is run again
 

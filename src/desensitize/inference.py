@@ -35,6 +35,24 @@ from desensitize.runtime.device import batch_to, best_device, to_float
 
 INFERENCE_STREAM = 3
 ModelFormat = Literal["pt2", "pickle"]
+# What a registered model takes (the model card says it too): float input outside it is refused, not clipped.
+ACCEPTS = "float32 images (N, C, H, W) with values in [0, 1] (raw uint8 levels / 255)"
+
+
+def check_input(images: torch.Tensor) -> None:
+    """Refuse NaN and values outside [0, 1] (RuntimeError) with a message saying what the model accepts.
+    Traced by torch.export, the checks become runtime asserts that keep their messages in the exported
+    program (`aten._assert_async.msg`, raised on the CPU, where a pt2 version runs), so a caller of the
+    program gets them without this package; run eagerly, a plain raise (also on CUDA)."""
+    checks = (
+        (~torch.isnan(images).any(), f"input images hold NaN; the model takes {ACCEPTS}"),
+        (((images >= 0) & (images <= 1)).all(), f"input images hold values outside [0, 1]; the model takes {ACCEPTS}"),
+    )
+    for holds, message in checks:
+        if torch.compiler.is_compiling():
+            torch._assert_async(holds, message)
+        elif not bool(holds):
+            raise RuntimeError(message)
 
 
 def export_format(info: MaskSettings) -> tuple[ModelFormat, str | None]:
@@ -54,8 +72,9 @@ def export_format(info: MaskSettings) -> tuple[ModelFormat, str | None]:
 class SetMaskClassifier(nn.Module):
     """`MaskedClassifier.forward` for a set-scope release with a constant fill, in torch alone (what
     torch.export captures; built by `MaskedClassifier.exportable`): float32 raw images (N, C, H, W)
-    in [0, 1] in, logits out. The images are rounded to the uint8 grid, hidden pixels (mask 0) set
-    to the fill, and a MaskNet gets the mask as its last channel, as the release and training did."""
+    in [0, 1] in (NaN and values outside refused: `check_input`), logits out. The images are rounded to
+    the uint8 grid, hidden pixels (mask 0) set to the fill, and a MaskNet gets the mask as its last
+    channel, as the release and training did."""
 
     def __init__(self, model: nn.Module, mask: np.ndarray, fill: np.ndarray, *, mask_channel: bool) -> None:
         super().__init__()
@@ -67,7 +86,8 @@ class SetMaskClassifier(nn.Module):
         self.mask_channel = mask_channel
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        levels = torch.round(images.clamp(0, 1) * 255)  # the uint8 grid (round half to even, as np.rint)
+        check_input(images)
+        levels = torch.round(images * 255)  # the uint8 grid (round half to even, as np.rint)
         x = torch.where(self.visible, levels, self.fill) / 255
         if self.mask_channel:  # desensitize.masknet.with_mask_channel: 0 / 255 -> 0 / 1
             x = torch.cat([x, self.visible.to(x.dtype).expand(x.shape[0], 1, -1, -1)], 1)
@@ -165,8 +185,9 @@ class MaskedClassifier(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits for raw images (N, C, H, W): uint8, or floats in [0, 1] (what a pyfunc caller
-        passes); the mask is applied here."""
+        passes; NaN and values outside refused: `check_input`); the mask is applied here."""
         array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
         if array.dtype != np.uint8:
-            array = np.rint(np.clip(array, 0, 1) * 255).astype(np.uint8)
+            check_input(torch.as_tensor(array))
+            array = np.rint(array * 255).astype(np.uint8)
         return self.model(batch_to(to_float(self._inputs(array)), self.device))

@@ -1,6 +1,7 @@
 """General statistics the gate, the registry and the search read their figures through: confidence
 intervals (Wilson for proportions, the percentile bootstrap for means), the exact binomial test of an
-accuracy against chance, rank correlation, and the log-linear data-scaling fit of an attacker's score.
+accuracy against chance, which classes a set of labels covers, rank correlation, and the log-linear
+data-scaling fit of an attacker's score.
 
 Nothing here knows about images or masks; the privacy scores themselves are in desensitize.attack.scores.
 """
@@ -39,6 +40,22 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def class_coverage(labels: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Which of `class_names` the labels hold: what a figure computed on them (accuracy, chance level,
+    within-class galleries) covers. `present` and `classes` counts, and the `absent` names."""
+    held = set(np.unique(np.asarray(labels)).tolist())
+    absent = [name for k, name in enumerate(class_names) if k not in held]
+    return {"present": len(class_names) - len(absent), "classes": len(class_names), "absent": absent}
+
+
+def coverage_text(coverage: dict[str, Any], where: str) -> str:
+    """`all 10 classes`, or `9 of 10 classes (absent from <where>: '7')`."""
+    if not coverage["absent"]:
+        return f"all {coverage['classes']} classes"
+    names = ", ".join(repr(name) for name in coverage["absent"])
+    return f"{coverage['present']} of {coverage['classes']} classes (absent from {where}: {names})"
+
+
 def chance_level(labels: np.ndarray) -> float:
     """The accuracy of the best guess that never looks at the image: always the most frequent class of
     `labels` (1 / number of classes on a balanced split)."""
@@ -70,23 +87,27 @@ def binomial_tail(successes: int, n: int, p: float) -> float:
 def above_chance(correct: int, labels: np.ndarray, significance: float = CHANCE_SIGNIFICANCE) -> dict[str, Any]:
     """Whether `correct` right answers on the images of `labels` are clearly above chance: a one-sided
     exact binomial test against the hypothesis that each answer is right with probability
-    `chance_level(labels)` (the majority-class rate, the true chance level of an imbalanced split), at
-    `significance`. The accuracy, chance level, number of images, p-value, verdict `above` and a
-    sentence saying all that."""
+    `chance_level(labels)` (the majority-class rate, the true chance level of an imbalanced split, over the
+    classes the labels hold: a class absent from them plays no part), at `significance`. The accuracy,
+    chance level, number of images and of `classes` present, p-value, verdict `above` and a sentence
+    saying all that."""
     if not 0 < significance < 1:
         raise DesensitizeError(f"significance = {significance:g}: must lie strictly between 0 and 1")
     n, chance = len(labels), chance_level(labels)
+    classes = len(np.unique(labels))
     p_value = binomial_tail(correct, n, chance)
     above = p_value < significance
     return {
         "accuracy": correct / n,
         "chance": chance,
         "images": n,
+        "classes": classes,
         "p_value": p_value,
         "significance": significance,
         "above": above,
         "message": f"accuracy {correct / n:.4f} on {n} images is {'' if above else 'not '}clearly above chance "
-        f"{chance:.4f} (one-sided binomial test: p = {p_value:.2g}, {'<' if above else '>='} {significance:g})",
+        f"{chance:.4f}, the majority-class rate of the {classes} classes present (one-sided binomial test: "
+        f"p = {p_value:.2g}, {'<' if above else '>='} {significance:g})",
     }
 
 

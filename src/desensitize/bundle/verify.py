@@ -1,10 +1,20 @@
-"""`verify_release`: a release bundle proved against the raw data it was made from.
+"""`verify_release`: a release bundle proved on its own and, where the raw data it was made from is at
+hand, against that data too. One set of checks, two reaches:
 
-Every hidden pixel holds exactly the declared fill (which never depends on the image), every visible
-pixel is the raw one, the masks hide whole cells at the declared ratio, nothing else is in the bundle,
-and what release.json declares about the mask (grid, cell and pixel ratios, fill value and seed) is
-what the shards and the raw data show: these values become registry tags and card lines. The masks
-stage runs it before a bundle lands in data/release; `desensitize verify-release` runs it on any.
+- the bundle alone (what the receiver, and the trainer's view, can prove opening nothing but the
+  bundle): only release.json and its shards, every shard present with its recorded sha256 and only the
+  allowed arrays, the declared counts, image shape, grid and ratios (cells and pixels) true of the shards
+  and their masks, whole cells hidden at the declared count, one mask for a set-scope release, and every
+  hidden pixel exactly the declared fill (the fill value for zero and mean, the noise regenerated from
+  fill_seed for noise), which never depends on the image;
+- with the raw data as well: the raw image shape, every visible pixel and every label equal to the raw
+  ones (so no raw value sits where it is declared hidden and nothing else was altered), and a mean
+  fill's value equal to the raw train images' per-channel mean.
+
+What release.json declares becomes registry tags and card lines, hence these checks. The masks stage
+runs the whole of it before a bundle lands in data/release, `desensitize verify-release` on any bundle,
+and every stage that reads a release runs `verified_release` first (the `train` stage without the raw
+data).
 """
 
 from __future__ import annotations
@@ -35,14 +45,32 @@ def _first(where: np.ndarray) -> tuple[int, ...]:
     return tuple(int(i) for i in np.argwhere(where)[0])
 
 
-def _check_declared(release: ReleaseInfo, path: Path, raw_train: Shards) -> None:
-    """The settings in release.json that the shards alone cannot prove: the grid against the image
-    size and cell, the hidden count against the requested and the achieved ratio, the fill value
-    against what the fill is (0, the raw train images' channel mean, or seeded noise)."""
-    shape = list(raw_train.read(0)["images"].shape[1:])
-    if release.image_shape != shape:
-        raise DesensitizeError(f"{path}: image_shape {release.image_shape}, the raw images are {shape}")
-    channels, height, width = shape
+def _check_files(directory: Path, release: ReleaseInfo) -> None:
+    """Nothing in the bundle but release.json and the shards it lists, and every one of those present."""
+    path = directory / RELEASE_JSON
+    if set(release.shards) != set(RELEASED_SPLITS):
+        raise DesensitizeError(f"{path}: splits {sorted(release.shards)}, expected train and test")
+    listed = [directory / entry.file for name in RELEASED_SPLITS for entry in release.shards[name]]
+    allowed = {RELEASE_JSON} | {shard.name for shard in listed}
+    for found in sorted(directory.iterdir()):
+        if found.name not in allowed:
+            raise DesensitizeError(
+                f"{found}: file not allowed in a release bundle (allowed: release.json and its shards)"
+            )
+    for shard in listed:
+        if not shard.is_file():
+            raise DesensitizeError(
+                f"{shard}: shard listed in release.json is missing (the release bundle is incomplete; make it again)"
+            )
+
+
+def _check_declared(release: ReleaseInfo, path: Path) -> None:
+    """The settings in release.json that the shards alone cannot show: the grid against the image size
+    and cell, the hidden count against the requested and the achieved ratio, the fill value and seed
+    against the fill (0 for zero and noise, one level per channel for mean, a seed for noise only)."""
+    if len(release.image_shape) != 3 or min(release.image_shape) < 1:
+        raise DesensitizeError(f"{path}: image_shape {release.image_shape}, expected [channels, height, width]")
+    channels, height, width = release.image_shape
     grid = grid_shape(height, width, release.cell)
     if tuple(release.grid) != grid:
         raise DesensitizeError(
@@ -69,18 +97,13 @@ def _check_declared(release: ReleaseInfo, path: Path, raw_train: Shards) -> None
             f"{path}: hidden_ratio {release.hidden_ratio:g}, but {n_hidden} of {n_cells} cells hidden "
             f"is {n_hidden / n_cells:g}"
         )
-    if release.fill == "mean":
-        expected = channel_mean(arrays["images"] for arrays in raw_train).tolist()
-    else:
-        expected = [0] * channels
-    if release.fill_value != expected:
-        if release.fill == "mean":
-            raise DesensitizeError(
-                f"{path}: fill 'mean' declares fill_value {release.fill_value}, but the per-channel mean of "
-                f"the raw train images is {expected}"
-            )
+    if len(release.fill_value) != channels or not all(0 <= v <= 255 for v in release.fill_value):
         raise DesensitizeError(
-            f"{path}: fill_value {release.fill_value} does not match fill {release.fill!r} (expected {expected})"
+            f"{path}: fill_value {release.fill_value}, expected {channels} levels in 0..255 (one per channel)"
+        )
+    if release.fill != "mean" and release.fill_value != [0] * channels:
+        raise DesensitizeError(
+            f"{path}: fill_value {release.fill_value} does not match fill {release.fill!r} (expected {[0] * channels})"
         )
     if release.fill == "noise" and release.fill_seed is None:
         raise DesensitizeError(f"{path}: fill 'noise' needs the fill_seed it was drawn with, got null")
@@ -90,65 +113,51 @@ def _check_declared(release: ReleaseInfo, path: Path, raw_train: Shards) -> None
         )
 
 
-def _check_fill(
-    release: ReleaseInfo,
-    split: str,
-    released: ReleasedSplit,
-    raw: np.ndarray,
-    hidden: np.ndarray,
-    fill: np.ndarray,
-    offset: int,
-) -> None:
-    """Every hidden pixel of a piece of a split (its first image is image `offset`) holds the declared
-    `fill`; a visible one, the raw pixel. Raises naming the first that does not (a solid fill held by
-    none of the hidden pixels is named as such, not as a leak)."""
-    if release.fill != "noise":
-        for c, declared in enumerate(release.fill_value):
-            values = released.images[:, c][hidden[:, c]]
-            if values.size and values.min() == values.max() != declared:
-                raise DesensitizeError(
-                    f"{split}: declared fill_value {release.fill_value} (fill {release.fill!r}), but the hidden "
-                    f"pixels of channel {c} hold {values.min()}"
-                )
-    wrong = released.images != np.where(hidden, fill, raw)
-    if not wrong.any():
-        return
-    i, c, y, x = _first(wrong)
-    value, raw_value = released.images[i, c, y, x], raw[i, c, y, x]
-    if hidden[i, c, y, x]:
-        declared = (
-            f"the noise of fill_seed {release.fill_seed}"
-            if release.fill == "noise"
-            else f"the declared fill_value {release.fill_value[c]}"
+def _check_declared_against_raw(release: ReleaseInfo, path: Path, raw_train: Shards) -> None:
+    """The image shape against the raw images; a mean fill's value against the raw train images' mean."""
+    shape = list(raw_train.read(0)["images"].shape[1:])
+    if release.image_shape != shape:
+        raise DesensitizeError(f"{path}: image_shape {release.image_shape}, the raw images are {shape}")
+    if release.fill == "mean":
+        expected = channel_mean(arrays["images"] for arrays in raw_train).tolist()
+        if release.fill_value != expected:
+            raise DesensitizeError(
+                f"{path}: fill 'mean' declares fill_value {release.fill_value}, but the per-channel mean of "
+                f"the raw train images is {expected}"
+            )
+
+
+def _check_arrays(release: ReleaseInfo, path: Path, arrays: dict[str, np.ndarray], count: int) -> ReleasedSplit:
+    """One shard's arrays: only the allowed ones, `count` images of the declared shape, labels of the
+    declared classes, masks of 0 and 1."""
+    extra = set(arrays) - SHARD_ARRAYS
+    if extra:
+        raise DesensitizeError(f"{path}: arrays not allowed in a release: {sorted(extra)}")
+    if set(arrays) != SHARD_ARRAYS:
+        raise DesensitizeError(f"{path}: arrays {sorted(arrays)}, expected {sorted(SHARD_ARRAYS)}")
+    released = ReleasedSplit(arrays["images"], arrays["labels"], arrays["masks"])
+    _, height, width = release.image_shape
+    if released.images.shape != (count, *release.image_shape) or released.images.dtype != np.uint8:
+        raise DesensitizeError(
+            f"{path}: images {released.images.shape} {released.images.dtype}, release.json declares {count} "
+            f"uint8 images of shape {release.image_shape}"
         )
-        leak = " (the raw value: raw pixel leaked)" if value == raw_value else ""
-        problem = f"hidden pixel holds {value}, not {declared}{leak}"
-    else:
-        problem = f"visible pixel holds {value}, the raw image has {raw_value}"
-    raise DesensitizeError(f"{split} image {offset + i}, channel {c}, pixel (row {y}, col {x}): {problem}")
+    if released.labels.shape != (count,) or not np.isin(released.labels, np.arange(len(release.class_names))).all():
+        raise DesensitizeError(
+            f"{path}: labels must be {count} class indices below {len(release.class_names)} (the declared classes)"
+        )
+    if released.masks.shape != (count, height, width) or not np.isin(released.masks, (0, 1)).all():
+        raise DesensitizeError(f"{path}: masks must be (N, H, W) of 0/1, got {released.masks.shape}")
+    return released
 
 
-def _check_piece(
-    release: ReleaseInfo,
-    split: str,
-    released: ReleasedSplit,
-    raw: dict[str, np.ndarray],
-    offset: int,
-    first_mask: np.ndarray,
-) -> None:
-    """One released shard against the raw rows it was made from (its first image is image `offset`):
-    labels, one mask for the set scope (the split's first, `first_mask`), whole cells hidden at the
-    declared count."""
-    n, _, height, width = raw["images"].shape
-    if not np.array_equal(released.labels, raw["labels"]):
-        raise DesensitizeError(f"{split}: labels differ from the raw split")
-    if released.masks.shape != (n, height, width) or not np.isin(released.masks, (0, 1)).all():
-        raise DesensitizeError(f"{split}: masks must be (N, H, W) of 0/1, got {released.masks.shape}")
-    if release.scope == "set" and not (released.masks == first_mask).all():
+def _check_masks(release: ReleaseInfo, split: str, masks: np.ndarray, offset: int, first_mask: np.ndarray) -> None:
+    """One mask for the set scope (the split's first, `first_mask`), whole cells hidden at the declared count."""
+    if release.scope == "set" and not (masks == first_mask).all():
         raise DesensitizeError(f"{split}: scope is 'set' but the images carry different masks")
     cell, n_hidden = release.cell, release.n_hidden_cells
-    cell_area = cell_scores(np.ones((height, width)), cell)
-    hidden_area = cell_scores(1 - released.masks.astype(np.float64), cell)
+    cell_area = cell_scores(np.ones(masks.shape[1:]), cell)
+    hidden_area = cell_scores(1 - masks.astype(np.float64), cell)
     if not np.isin(hidden_area / cell_area, (0.0, 1.0)).all():
         raise DesensitizeError(f"{split}: masks do not hide whole {cell}x{cell} cells")
     counts = (hidden_area > 0).sum(axis=(1, 2))
@@ -159,66 +168,109 @@ def _check_piece(
         )
 
 
-def verify_release(directory: Path, raw_dir: Path) -> dict[str, Any]:
-    """Raise DesensitizeError naming the first offending item; returns a summary when all holds.
-    Reads the bundle and the raw data one shard at a time."""
+def _check_fill(
+    release: ReleaseInfo,
+    split: str,
+    released: ReleasedSplit,
+    raw: np.ndarray | None,
+    fill: np.ndarray,
+    offset: int,
+) -> None:
+    """Every hidden pixel of a piece of a split (its first image is image `offset`) holds the declared
+    `fill`; with the `raw` images, every visible one the raw pixel. Raises naming the first that does not
+    (a solid fill held by none of the hidden pixels is named as such, not as a leak)."""
+    hidden = np.broadcast_to(released.masks[:, None] == 0, released.images.shape)
+    if release.fill != "noise":
+        for c, declared in enumerate(release.fill_value):
+            values = released.images[:, c][hidden[:, c]]
+            if values.size and values.min() == values.max() != declared:
+                raise DesensitizeError(
+                    f"{split}: declared fill_value {release.fill_value} (fill {release.fill!r}), but the hidden "
+                    f"pixels of channel {c} hold {values.min()}"
+                )
+    wrong = released.images != np.where(hidden, fill, released.images if raw is None else raw)
+    if not wrong.any():
+        return
+    i, c, y, x = _first(wrong)
+    value = released.images[i, c, y, x]
+    if hidden[i, c, y, x]:
+        declared = (
+            f"the noise of fill_seed {release.fill_seed}"
+            if release.fill == "noise"
+            else f"the declared fill_value {release.fill_value[c]}"
+        )
+        leak = " (the raw value: raw pixel leaked)" if raw is not None and value == raw[i, c, y, x] else ""
+        problem = f"hidden pixel holds {value}, not {declared}{leak}"
+    else:
+        problem = f"visible pixel holds {value}, the raw image has {raw[i, c, y, x]}"
+    raise DesensitizeError(f"{split} image {offset + i}, channel {c}, pixel (row {y}, col {x}): {problem}")
+
+
+def _check_split(directory: Path, release: ReleaseInfo, split: str, raw_all: Shards | None) -> dict[str, Any]:
+    """Every shard of one split, one at a time (with the raw rows it was made from, when given)."""
+    released_all = released_shards(directory, split)  # each shard's sha256 checked as it is read
+    n = sum(released_all.sizes)
+    if release.counts.get(split) != n:
+        raise DesensitizeError(
+            f"{directory / RELEASE_JSON}: counts.{split} = {release.counts.get(split)}, its shards list {n} images"
+        )
+    if raw_all is not None and len(raw_all) != n:
+        raise DesensitizeError(f"{split}: {n} released images, the raw split has {len(raw_all)}")
+    raw_pieces = rechunk(raw_all, released_all.sizes) if raw_all is not None else None  # each shard's raw rows
+    # The fill as the masks stage drew it: one value per channel, or a split's noise drawn as one array.
+    fill = fill_values(
+        release.fill, (n, *release.image_shape), np.asarray(release.fill_value), release.fill_seed, FILL_STREAMS[split]
+    )
+    offset, visible, hidden_pixels, first_mask = 0, 0, 0, None
+    for k, entry in enumerate(release.shards[split]):
+        released = _check_arrays(release, directory / entry.file, released_all.read(k), entry.images)
+        raw = next(raw_pieces) if raw_pieces is not None else None
+        if raw is not None and not np.array_equal(released.labels, raw["labels"]):
+            raise DesensitizeError(f"{split}: labels differ from the raw split")
+        first_mask = released.masks[:1] if first_mask is None else first_mask
+        _check_masks(release, split, released.masks, offset, first_mask)
+        count = len(released.images)
+        piece_fill = fill[offset : offset + count] if release.fill == "noise" else fill
+        _check_fill(release, split, released, None if raw is None else raw["images"], piece_fill, offset)
+        offset += count
+        visible += int(released.masks.sum(dtype=np.int64))
+        hidden_pixels += int((released.masks == 0).sum(dtype=np.int64))
+    _, height, width = release.image_shape
+    ratio = float(1 - visible / (n * height * width))
+    return {"images": n, "hidden_pixels": hidden_pixels, "hidden_ratio_pixels": ratio}
+
+
+def verify_release(directory: Path, raw_dir: Path | None) -> dict[str, Any]:
+    """Prove the bundle in `directory` (module docstring): on its own with `raw_dir` None, else against
+    the raw data in `raw_dir` too. Raises DesensitizeError naming the first offending item; returns a
+    summary when all holds. Reads the bundle (and the raw data) one shard at a time."""
     directory = Path(directory)
     release = read_release_info(directory)
-    allowed = {RELEASE_JSON} | {e.file for name in RELEASED_SPLITS for e in release.shards.get(name, [])}
-    for path in sorted(directory.iterdir()):
-        if path.name not in allowed:
-            raise DesensitizeError(
-                f"{path}: file not allowed in a release bundle (allowed: release.json and its shards)"
-            )
-    if set(release.shards) != set(RELEASED_SPLITS):
-        raise DesensitizeError(f"{directory / RELEASE_JSON}: splits {sorted(release.shards)}, expected train and test")
-    _check_declared(release, directory / RELEASE_JSON, split_shards(raw_dir, "train"))
-
+    path = directory / RELEASE_JSON
+    _check_files(directory, release)
+    if raw_dir is not None:
+        _check_declared_against_raw(release, path, split_shards(raw_dir, "train"))
+    _check_declared(release, path)
     summary: dict[str, Any] = {"release": str(directory), "splits": {}}
     for split in RELEASED_SPLITS:
-        for entry in release.shards[split]:
-            with np.load(directory / entry.file) as shard:
-                extra = set(shard.files) - SHARD_ARRAYS
-            if extra:
-                raise DesensitizeError(f"{directory / entry.file}: arrays not allowed in a release: {sorted(extra)}")
-        released_all, raw_all = released_shards(directory, split), split_shards(raw_dir, split)  # sha256 checked
-        n, fill, first_mask = len(raw_all), None, None
-        offset, visible, hidden_pixels = 0, 0, 0
-        raw_pieces = rechunk(raw_all, released_all.sizes)  # the raw rows of each released shard
-        for arrays in released_all:
-            released = ReleasedSplit(arrays["images"], arrays["labels"], arrays["masks"])
-            raw = next(raw_pieces, None)
-            if raw is None or released.images.shape != raw["images"].shape or released.images.dtype != np.uint8:
-                raw_shape = "nothing left" if raw is None else raw["images"].shape
-                raise DesensitizeError(
-                    f"{split}: images {released.images.shape} {released.images.dtype} from image {offset}, "
-                    f"raw {raw_shape} (the raw split has {n} images)"
-                )
-            first_mask = released.masks[:1] if first_mask is None else first_mask
-            _check_piece(release, split, released, raw, offset, first_mask)
-            if fill is None:  # noise: drawn for the whole split, as the masks stage drew it
-                fill_value = np.asarray(release.fill_value)
-                shape = (n, *raw["images"].shape[1:])
-                fill = fill_values(release.fill, shape, fill_value, release.fill_seed, FILL_STREAMS[split])
-            count = len(released.images)
-            piece_fill = fill[offset : offset + count] if fill.shape[0] == n > 1 else fill
-            hidden = np.broadcast_to(released.masks[:, None] == 0, raw["images"].shape)
-            _check_fill(release, split, released, raw["images"], hidden, piece_fill, offset)
-            offset += count
-            visible += int(released.masks.sum(dtype=np.int64))
-            hidden_pixels += int(hidden[:, 0].sum())
-        if offset != n:
-            raise DesensitizeError(f"{split}: {offset} released images, the raw split has {n}")
-        _, height, width = release.image_shape
-        hidden_ratio_pixels = float(1 - visible / (n * height * width))
-        if split == "train" and not math.isclose(release.hidden_ratio_pixels, hidden_ratio_pixels, rel_tol=1e-9):
+        raw_all = split_shards(raw_dir, split) if raw_dir is not None else None
+        facts = summary["splits"][split] = _check_split(directory, release, split, raw_all)
+        hidden = facts["hidden_ratio_pixels"]
+        if split == "train" and not math.isclose(release.hidden_ratio_pixels, hidden, rel_tol=1e-9):
             raise DesensitizeError(
-                f"{directory / RELEASE_JSON}: hidden_ratio_pixels {release.hidden_ratio_pixels:g}, but the train "
-                f"masks hide {hidden_ratio_pixels:g}"
+                f"{path}: hidden_ratio_pixels {release.hidden_ratio_pixels:g}, but the train masks hide {hidden:g}"
             )
-        summary["splits"][split] = {
-            "images": n,
-            "hidden_pixels": hidden_pixels,
-            "hidden_ratio_pixels": hidden_ratio_pixels,
-        }
     return summary
+
+
+def verified_release(directory: Path, raw_dir: Path | None) -> ReleaseInfo:
+    """What a stage calls before it reads a release: `verify_release` (on the bundle alone where `raw_dir`
+    is None: the trainer's view), its failure as one line that says the release is refused; returns the
+    release's info."""
+    try:
+        verify_release(directory, raw_dir)
+    except DesensitizeError as exc:
+        raise DesensitizeError(
+            f"{directory}: release fails verification: {exc} (make it again with the masks stage)"
+        ) from None
+    return read_release_info(directory)

@@ -56,6 +56,19 @@ def split_indices(labels: np.ndarray, fractions: SplitParams, seed: int) -> dict
     return {name: rng.permutation(np.concatenate(parts[name])) for name in SPLITS}
 
 
+def thin_classes(
+    labels: np.ndarray, indices: dict[str, np.ndarray], class_names: tuple[str, ...]
+) -> dict[str, tuple[int, list[str]]]:
+    """The classes that some split of `indices` has no image of: name -> (its images in the source, the
+    splits without one, in SPLITS order)."""
+    thin = {}
+    for k, name in enumerate(class_names):
+        missing = [split for split in SPLITS if not (labels[indices[split]] == k).any()]
+        if missing:
+            thin[name] = (int((labels == k).sum()), missing)
+    return thin
+
+
 def read_manifest(raw_dir: Path) -> dict[str, Any]:
     return read_versioned_json(Path(raw_dir) / MANIFEST, FORMAT_VERSION)
 

@@ -5,15 +5,25 @@ Every point gets its own workspace under `<out>/work/`; per seed the raw split a
 model are made once and shared. Each point runs masks -> (attack) -> train -> baselines -> evaluate
 with the attack stage's gate recorded, not enforced (the sweep is there to see where it fails).
 Results: `results.csv` (one row per point, columns COLUMNS), and what desensitize.orchestration.frontier
-makes of the rows: `summary.md` and `frontier.png`.
+makes of the rows: `summary.md` and `frontier.png`. They are written when the last point has finished,
+so an interrupted sweep leaves the previous complete sweep's results in place.
+
+Until then each finished point is appended to `partial.jsonl` (one JSON object a line: the point's
+name, a digest of its params and the attack switch, and its row). A rerun resumes from it: the points
+whose name and digest it holds are not run again. A point there that the rerun's plan does not have
+(other options or params) stops the rerun before any work, naming the file; the file goes once the
+sweep completes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import json
 import logging
 import os
+import signal
 import time
 from functools import partial
 from pathlib import Path
@@ -58,6 +68,19 @@ COLUMNS = (
 )
 
 
+PARTIAL = "partial.jsonl"
+RESULTS = ("results.csv", "summary.md", "frontier.png")
+
+
+class SweepInterrupted(DesensitizeError):
+    """The sweep stopped (Ctrl-C, SIGTERM) before its last point; the message says what was kept.
+    `signum`: the signal, for the exit status."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
 def _link(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
@@ -100,11 +123,13 @@ def run_sweep(
     track: Paths | None = None,
     units: Units | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every point (module docstring) as units: first each seed's shared workspace, then every run.
-    The results are rewritten as runs finish (the rows in plan order, those done so far) and returned in
-    plan order. `units`: what runs them (default: an Executor on `params.compute`; the Prefect sweep flow
-    passes its task runner). `track`: the project whose MLflow store records the sweep, one parent run and
-    a child per point."""
+    """Run every point (module docstring) as units: first the shared workspace of each seed with points
+    to run, then those points (a rerun skips the points `partial.jsonl` holds). Returns the rows in plan
+    order, and writes them as the complete results only when all have finished; raises SweepInterrupted,
+    saying what was kept, on Ctrl-C (or a SIGTERM the caller turns into KeyboardInterrupt(signum)).
+    `units`: what runs them (default: an Executor on `params.compute`; the Prefect sweep flow passes its
+    task runner). `track`: the project whose MLflow store records the sweep, one parent run and a child
+    per point."""
     runs = plan(
         params,
         seeds=seeds,
@@ -115,27 +140,128 @@ def run_sweep(
         cells=cells,
         searched=searched,
     )
+    if not runs:
+        raise DesensitizeError("the sweep has no point: give at least one seed, scope, ratio, cell and strategy")
     gpu = best_device(device).type == "cuda"
-    rows: list[dict[str, Any] | None] = [None] * len(runs)
+    rows = _resume(out, runs, attack)
+    todo = [i for i, row in enumerate(rows) if row is None]
+    if len(todo) < len(runs):
+        log.info(
+            "sweep: %d of %d points finished before (%s); running the other %d",
+            len(runs) - len(todo),
+            len(runs),
+            out / PARTIAL,
+            len(todo),
+        )
     start = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        parent = stack.enter_context(sweep_run(track)) if track else None
-        ex = units or stack.enter_context(executor(params.compute))
+    try:
+        with contextlib.ExitStack() as stack:
+            parent = stack.enter_context(sweep_run(track)) if track else None
+            ex = units or stack.enter_context(executor(params.compute))
 
-        def done(i: int, row: dict[str, Any]) -> None:
-            rows[i] = row
-            finished = sum(r is not None for r in rows)
-            name, seed = runs[i].name, runs[i].params.seed
-            accuracies = {k: row.get(k) for k in ACCURACY}
-            log.info("sweep point %s (seed %d), %d of %d: %s", name, seed, finished, len(runs), accuracies)
-            _write(out, [r for r in rows if r is not None], attack)
-            if parent:
-                log_sweep_point(parent, f"{name}-seed-{seed}", runs[i].params, row)
+            def record(i: int, row: dict[str, Any]) -> None:
+                if parent:
+                    log_sweep_point(parent, _point_key(runs[i]), runs[i].params, row)
 
-        ex.map(partial(prepare_seed, params, out, device), seeds, gpu=gpu, name="sweep-seed")
-        ex.map(partial(run_point, out=out, attack=attack, device=device), runs, gpu=gpu, name="sweep-point", done=done)
+            def done(k: int, row: dict[str, Any]) -> None:
+                i = todo[k]
+                rows[i] = row
+                _keep(out, runs[i], attack, row)
+                finished = sum(r is not None for r in rows)
+                accuracies = {name: row.get(name) for name in ACCURACY}
+                log.info(
+                    "sweep point %s (seed %d), %d of %d: %s",
+                    runs[i].name,
+                    runs[i].params.seed,
+                    finished,
+                    len(runs),
+                    accuracies,
+                )
+                record(i, row)
+
+            for i, row in enumerate(rows):
+                if row is not None:
+                    record(i, row)
+            seeds_to_run = list(dict.fromkeys(runs[i].params.seed for i in todo))
+            ex.map(partial(prepare_seed, params, out, device), seeds_to_run, gpu=gpu, name="sweep-seed")
+            point = partial(run_point, out=out, attack=attack, device=device)
+            ex.map(point, [runs[i] for i in todo], gpu=gpu, name="sweep-point", done=done)
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args and isinstance(exc.args[0], int) else signal.SIGINT
+        raise SweepInterrupted(_kept(out, rows), signum) from None
+    _write(out, rows, attack)
+    (out / PARTIAL).unlink(missing_ok=True)
     log.info("sweep of %d points took %.0f s", len(runs), time.perf_counter() - start)
     return rows
+
+
+def _point_key(run: Run) -> str:
+    return f"{run.name}-seed-{run.params.seed}"
+
+
+def _point_digest(run: Run, attack: bool) -> str:
+    """What a point's row depends on: its params (less where its units run) and whether it is attacked."""
+    settings = run.params.model_dump(mode="json", exclude={"compute": {"scheduler", "workers", "retries"}})
+    text = json.dumps({"point": _point_key(run), "params": settings, "attack": attack}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _resume(out: Path, runs: list[Run], attack: bool) -> list[dict[str, Any] | None]:
+    """Each run's row as `partial.jsonl` keeps it (None: still to run). A line cut short by a kill (the
+    last) is dropped; a point that is not one of these runs stops the sweep before any work."""
+    rows: list[dict[str, Any] | None] = [None] * len(runs)
+    path = out / PARTIAL
+    if not path.is_file():
+        return rows
+    index = {_point_key(run): i for i, run in enumerate(runs)}
+    lines = path.read_text().splitlines()
+    kept = []
+    for n, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                continue
+            raise DesensitizeError(f"{path}: line {n} is not JSON; remove the file to start the sweep afresh") from None
+        i = index.get(record.get("point"))
+        if i is None or record.get("digest") != _point_digest(runs[i], attack):
+            raise DesensitizeError(
+                f"{path}: holds the finished point {record.get('point')!r} of another sweep (other axes, params "
+                "or --attack); finish that sweep with its own options, or remove the file to start this one"
+            )
+        rows[i] = record["row"]
+        kept.append(line)
+    if len(kept) < len(lines):
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in kept))
+    return rows
+
+
+def _keep(out: Path, run: Run, attack: bool, row: dict[str, Any]) -> None:
+    """Append a finished point to `partial.jsonl` (a whole line at once; a kill mid-line is dropped on resume)."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"point": _point_key(run), "digest": _point_digest(run, attack), "row": row}
+    with open(out / PARTIAL, "a") as f:
+        f.write(json.dumps(record, sort_keys=True, default=lambda v: v.item() if hasattr(v, "item") else str(v)) + "\n")
+
+
+def _kept(out: Path, rows: list[dict[str, Any] | None]) -> str:
+    """What an interrupted sweep leaves: its finished points, and the previous complete results."""
+    finished = sum(row is not None for row in rows)
+    points = (
+        f"the points finished are kept in {out / PARTIAL}, marked partial (the same sweep run again resumes from them)"
+        if finished
+        else "no point had finished"
+    )
+    previous = (
+        "still hold the previous complete sweep"
+        if (out / RESULTS[0]).is_file()
+        else "were not written (no sweep in it has completed)"
+    )
+    return (
+        f"sweep interrupted after {finished} of {len(rows)} points: {points}; {out / RESULTS[0]} and "
+        f"{RESULTS[1]} {previous}"
+    )
 
 
 def _run_point(params: Params, paths: Paths, point: Point | None, attack: bool, device: str) -> dict[str, Any]:
@@ -185,6 +311,8 @@ def _run_point(params: Params, paths: Paths, point: Point | None, attack: bool, 
 
 
 def _write(out: Path, rows: list[dict[str, Any]], attack: bool) -> None:
+    """The complete results, each file replaced atomically (a frontier.png of an earlier sweep with the
+    attack goes when this one has none)."""
     with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(COLUMNS), extrasaction="ignore")
         writer.writeheader()
@@ -193,3 +321,5 @@ def _write(out: Path, rows: list[dict[str, Any]], attack: bool) -> None:
         tmp.write_text(frontier.summary(rows, attack))
     if attack:
         frontier.figure(out, rows)
+    else:
+        (out / RESULTS[2]).unlink(missing_ok=True)

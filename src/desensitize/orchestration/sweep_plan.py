@@ -78,10 +78,18 @@ def _searched_params(params: Params, seed: int, scope: str) -> Params:
 
 
 def check_axes(
-    *, scopes: list[str], ratios: list[float], cells: list[int], strategies: list[str], templates: list[str]
+    *,
+    seeds: list[int],
+    scopes: list[str],
+    ratios: list[float],
+    cells: list[int],
+    strategies: list[str],
+    templates: list[str],
 ) -> None:
-    """Every value of every axis through the params model, before any work; errors name the CLI option."""
+    """Every value of every axis through the params model, before any work: each axis has at least one value
+    and none twice; errors name the CLI option."""
     axes = {
+        ("--seeds", "seed"): seeds,
         ("--scopes", "scope"): scopes,
         ("--ratios", "hidden_ratio"): ratios,
         ("--cells", "cell"): cells,
@@ -91,8 +99,11 @@ def check_axes(
     for (origin, key), values in axes.items():
         if not values:
             raise DesensitizeError(f"{origin}: give at least one value")
+        twice = [value for k, value in enumerate(values) if value in values[:k]]
+        if twice:
+            raise DesensitizeError(f"{origin}: {twice[0]} given twice (each point runs once per value)")
         for value in values:
-            parse_params({"masks": {key: value}}, origin=origin)
+            parse_params({"seed": value} if key == "seed" else {"masks": {key: value}}, origin=origin)
     if "search" in templates:
         raise DesensitizeError("--templates: search is not a fixed template; the searched point is --searched")
 

@@ -80,6 +80,16 @@ def _mask_line(info: ReleaseInfo) -> str:
     return line
 
 
+def _input_line(info: ReleaseInfo) -> str:
+    """What the registered model accepts (desensitize.inference.check_input refuses the rest)."""
+    shape = ", ".join(map(str, info.image_shape))
+    return (
+        f"Input: float32 images (N, {shape}) with values in [0, 1], the raw uint8 levels divided by 255. A "
+        "wrong dtype or shape is refused by the signature; values outside [0, 1] (0..255 floats, say) and NaN "
+        "are refused by the model itself with an error that says so, never clipped."
+    )
+
+
 def _use_lines(source: str, model_format: str, format_reason: str | None) -> list[str]:
     """How to load the registered model, by its format (desensitize.inference.export_format)."""
     uri = f"models:/masknet-{source}@champion"
@@ -130,6 +140,8 @@ def write_cards(
         f"Recognition of {source} images ({len(info.class_names)} classes, shape "
         f"{'x'.join(map(str, info.image_shape))}). The registered model takes raw images and applies the "
         "release's mask itself, so it never sees what the release hides.",
+        "",
+        _input_line(info),
         "",
         *_use_lines(source, model_format, format_reason),
         "",

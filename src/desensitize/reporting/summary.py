@@ -10,6 +10,7 @@ from typing import Any
 
 from desensitize.paths import Paths
 from desensitize.reporting.records import accuracy_with_interval, read_report
+from desensitize.stats import coverage_text
 from desensitize.storage import flatten, read_json
 
 METRICS_FILES = ("reference", "masks", "attack", "evaluate")
@@ -36,7 +37,7 @@ def text(paths: Paths) -> str:
     lines = []
     if "reference" in reports:
         ref = reports["reference"]
-        lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f}")
+        lines.append(f"reference  {ref['backbone']}: raw test accuracy {ref['test_accuracy']:.4f}{_over(ref)}")
     search = paths.masks_reports / "search.json"
     if search.is_file() and "masks" not in reports and read_json(search).get("chosen", "") is None:
         lines.append(
@@ -77,9 +78,16 @@ def text(paths: Paths) -> str:
         acc = ", ".join(f"{name} {accuracy_with_interval(e, name)}" for name in e["accuracy"])
         lines.append(
             f"evaluate   test accuracy [95% interval]: {acc}; masknet over plain {e['masknet_over_plain']:+.4f}, "
-            f"this mask over random {e['saliency_over_random']:+.4f}"
+            f"this mask over random {e['saliency_over_random']:+.4f}{_over(e)}"
         )
     return "\n".join(lines) if lines else "no metrics yet: run `dvc repro` first"
+
+
+def _over(report: dict[str, Any]) -> str:
+    """`; over 9 of 10 classes (...)` where the test split lacks a class (reports made before it was
+    recorded, or with every class present, say nothing)."""
+    coverage = report.get("test_classes")
+    return f"; over {coverage_text(coverage, 'the test split')}" if coverage and coverage["absent"] else ""
 
 
 def _format(value: object) -> str:

@@ -4,7 +4,9 @@ Dask cluster (`local`: a LocalCluster this run starts and stops; or the address 
 A unit is a function of its own arguments: its seed comes from what it is (a sweep point's seed, a
 candidate's name), never from the worker that runs it or when, so every scheduler gives the same
 results. Torch's CPU kernels split their reductions by thread count, so each unit runs with
-`compute.threads` torch threads wherever it runs, `sync` included. Units that need the GPU ask for the
+`compute.threads` torch threads wherever it runs, `sync` included; capped at the CPU cores of the
+process that runs it (threads beyond the cores only wait on each other: 1000 threads on 2 cores made
+a search epoch take a minute instead of a second), which the run's log says. Units that need the GPU ask for the
 Dask resource `GPU`; only workers that declare it get them (a LocalCluster declares it on CUDA machines,
 workers of an external cluster with `dask worker --resources GPU=1`).
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
@@ -21,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from desensitize.config import ComputeParams
+from desensitize.config import SCHEDULER_PATTERN, ComputeParams
 from desensitize.errors import DesensitizeError
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,10 @@ R = TypeVar("R")
 def scheduler(cfg: ComputeParams) -> str:
     """compute.scheduler, or the environment's override."""
     value = os.environ.get(SCHEDULER_ENV, "").strip() or cfg.scheduler
-    if value not in ("local", "sync") and "://" not in value:
+    if not re.fullmatch(SCHEDULER_PATTERN, value):
         raise DesensitizeError(
-            f"{SCHEDULER_ENV}={value!r}: expected local, sync or a scheduler address (tcp://host:port)"
+            f"{SCHEDULER_ENV}={value!r}: expected local, sync or a scheduler address (tcp://host:port; "
+            "also tls://, inproc://, ucx://, ws:// or wss://)"
         )
     return value
 
@@ -45,6 +49,22 @@ def scheduler(cfg: ComputeParams) -> str:
 def cores() -> int:
     """CPU cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def unit_threads(threads: int) -> int:
+    """The torch threads a unit runs with: compute.threads, capped at the CPU cores of this process."""
+    return min(threads, cores())
+
+
+def warn_if_capped(cfg: ComputeParams) -> None:
+    """Say in the log when compute.threads is beyond this machine's cores, and what units run with."""
+    if cfg.threads > cores():
+        log.warning(
+            "compute.threads = %(threads)d is more than the %(cores)d CPU cores here: capped at %(cores)d, so each "
+            "unit runs with %(cores)d torch threads and gives the results of compute.threads = %(cores)d (a Dask "
+            "worker caps at its own cores)",
+            {"threads": cfg.threads, "cores": cores()},
+        )
 
 
 def cluster_kwargs(cfg: ComputeParams) -> dict[str, Any]:
@@ -65,9 +85,10 @@ def cluster_kwargs(cfg: ComputeParams) -> dict[str, Any]:
 
 
 def run_unit(fn: Callable[[U], R], threads: int, unit: U) -> R:
-    """fn(unit) with `threads` torch CPU threads (restored afterwards). Units it starts run in its process."""
+    """fn(unit) with `threads` torch CPU threads, at most this process's cores (restored afterwards). Units it
+    starts run in its process."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(unit_threads(threads))
     token = _IN_UNIT.set(True)
     try:
         return fn(unit)
@@ -181,5 +202,7 @@ def _client(where: str, cfg: ComputeParams) -> Iterator[Any]:
 def executor(cfg: ComputeParams) -> Iterator[Executor]:
     """An Executor on the scheduler `cfg` names (inside a unit: in that unit's process, one after another);
     a LocalCluster it starts is stopped on exit."""
+    if not _IN_UNIT.get():
+        warn_if_capped(cfg)
     with contextlib.ExitStack() as stack:
         yield Executor(cfg, stack)

@@ -26,13 +26,14 @@ from desensitize import stats
 from desensitize.attack import gate, inpainting, scores
 from desensitize.attack.cache import cached_attack_suite
 from desensitize.attack.suite import Target, attacked_sample, attacker_data
+from desensitize.bundle.verify import verified_release
 from desensitize.config import Params
 from desensitize.data.splits import load_split
 from desensitize.errors import DesensitizeError
 from desensitize.learning.checkpoints import load_checkpoint
 from desensitize.learning.training import predict
 from desensitize.paths import Paths
-from desensitize.release import load_released, read_release_info
+from desensitize.release import load_released
 from desensitize.reporting.figures import heatmap, image_grid, scaling_curves
 from desensitize.reporting.records import write_results
 from desensitize.runtime.compute import executor
@@ -47,7 +48,7 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
     time, which goes to the MLflow run only (raises if the gate fails while enforced, after writing
     them)."""
     cfg = params.attack
-    info = read_release_info(paths.release)
+    info = verified_release(paths.release, paths.raw)
     released = load_released(paths.release, "train")
     raw = load_split(paths.raw, "train")
     public = load_split(paths.raw, "public")
@@ -85,6 +86,8 @@ def run_attack(params: Params, paths: Paths, device: str = "auto") -> dict[str, 
         "confidence": cfg.confidence,
         "linkage_chance": release["linkage_chance"],
         "linkage_within_class_chance": release["linkage_within_class_chance"],
+        # within-class galleries (and their chance) are of the classes the sample holds
+        "sample_classes": stats.class_coverage(raw.labels[idx], raw.class_names),
         "attackers": release["attackers"],
         "blind": release["blind"],
         "best_blind": release["best_blind"],
@@ -165,7 +168,13 @@ def _report(
         "",
         f"Mask: {metrics['mask']}. Sample: {metrics['sample']} released train images. Linkage chance: "
         f"{metrics['linkage_chance']:.4f} over all sampled images, {metrics['linkage_within_class_chance']:.4f} "
-        f"within each class. Blind reference for PSNR gain: {metrics['best_blind']}.",
+        f"within each of the {metrics['sample_classes']['present']} classes in the sample"
+        + (
+            f" (absent from it: {', '.join(repr(name) for name in metrics['sample_classes']['absent'])})"
+            if metrics["sample_classes"]["absent"]
+            else ""
+        )
+        + f". Blind reference for PSNR gain: {metrics['best_blind']}.",
         f"Hidden information (share of content under the mask): {metrics['hidden_information']:.3f}."
         + (
             " The mask search ran this suite on this release; its result is reused."

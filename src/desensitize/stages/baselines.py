@@ -8,17 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 from desensitize.bundle.masked import random_release_of
+from desensitize.bundle.verify import verified_release
 from desensitize.config import Params
 from desensitize.data.splits import split_shards
 from desensitize.learning.training import TrainingData, fit_comparison
 from desensitize.paths import Paths
-from desensitize.release import read_release_info
 from desensitize.runtime.device import best_device
 
 
 def train_baselines(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns each model's last epoch (loss, train accuracy) and wall time."""
-    info = read_release_info(paths.release)
+    info = verified_release(paths.release, paths.raw)
     raw = split_shards(paths.raw, "train")  # read one shard at a time
     shape = tuple(info.image_shape)
     inputs = {

@@ -2,9 +2,9 @@
 
 `raw` on raw test images, `plain_random` on test images under the random mask, `plain` and
 `masknet` on the released (masked) test set. Writes reports/evaluate/report.json (accuracy per model
-with its 95% Wilson interval over the test images, the two gains; the accuracies are also the
-headline in metrics/evaluate.json), a confusion matrix PNG per model and a Markdown table in
-reports/evaluate/.
+with its 95% Wilson interval over the test images, the two gains, the classes the test split holds,
+which every figure covers; the accuracies are also the headline in metrics/evaluate.json), a
+confusion matrix PNG per model and a Markdown table in reports/evaluate/.
 """
 
 from __future__ import annotations
@@ -14,23 +14,24 @@ from typing import Any
 import numpy as np
 
 from desensitize.bundle.masked import random_release_of
+from desensitize.bundle.verify import verified_release
 from desensitize.config import Params
 from desensitize.data.splits import split_shards
 from desensitize.learning.checkpoints import load_checkpoint
 from desensitize.learning.training import accuracy_report, images_of, predict_shards
 from desensitize.masknet import masknet_input
 from desensitize.paths import MODELS, Paths
-from desensitize.release import read_release_info, released_shards
+from desensitize.release import released_shards
 from desensitize.reporting.figures import confusion_matrix
 from desensitize.reporting.records import accuracy_with_interval, write_results
 from desensitize.runtime.device import best_device
-from desensitize.stats import wilson_interval
+from desensitize.stats import class_coverage, coverage_text, wilson_interval
 from desensitize.storage import atomic_path
 
 
 def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, Any]:
     """Run the stage; returns the report written to reports/evaluate/report.json (headline: metrics/evaluate.json)."""
-    info = read_release_info(paths.release)
+    info = verified_release(paths.release, paths.raw)
     released = released_shards(paths.release, "test")  # every test set is read one shard at a time
     raw = split_shards(paths.raw, "test")
     inputs = {
@@ -41,13 +42,14 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
     }
     class_names = tuple(info.class_names)
     torch_device = best_device(device)
-    accuracy, interval, per_class = {}, {}, {}
+    accuracy, interval, per_class, coverage = {}, {}, {}, None
     for name in MODELS:
         model, _ = load_checkpoint(paths.model(name), torch_device)
         source, build = inputs[name]
         predictions, labels = predict_shards(model, source, torch_device, build)
         report = accuracy_report(predictions, labels, class_names)
         accuracy[name], per_class[name] = report["accuracy"], report["per_class_accuracy"]
+        coverage = class_coverage(labels, class_names)  # the same test labels for every model
         interval[name] = list(wilson_interval(int((predictions == labels).sum()), len(labels)))
         k = len(class_names)
         matrix = np.bincount(labels * k + predictions, minlength=k * k).reshape(k, k)
@@ -67,6 +69,7 @@ def evaluate(params: Params, paths: Paths, device: str = "auto") -> dict[str, An
         "per_class_accuracy": per_class,
         "mask": info.model_dump(include={"strategy", "method", "scope", "hidden_ratio", "cell", "fill"}),
         "n_test": len(raw),
+        "test_classes": coverage,
     }
     _table(paths, metrics)
     write_results(paths, "evaluate", metrics, headline(metrics))
@@ -86,7 +89,8 @@ def _table(paths: Paths, metrics: dict[str, Any]) -> None:
         "",
         f"Mask: {mask['strategy']} ({mask['method'] or '-'}), {mask['scope']} scope, "
         f"{mask['hidden_ratio']:.0%} of {mask['cell']}x{mask['cell']} cells hidden, {mask['fill']} fill. "
-        f"Test images: {metrics['n_test']}.",
+        f"Test images: {metrics['n_test']}, of {coverage_text(metrics['test_classes'], 'the test split')}; "
+        "accuracies and intervals are over these.",
         "",
         "| model | trained and tested on | accuracy [95% interval] |",
         "|---|---|---|",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from desensitize import stats
 from desensitize.config import Params
 from desensitize.data.splits import read_manifest, split_shards
 from desensitize.learning.training import TrainingData, accuracy_report, fit, predict_shards
@@ -43,8 +44,10 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
     )
     predictions, test_labels = predict_shards(model, split_shards(paths.raw, "test"), torch_device)
     report = accuracy_report(predictions, test_labels, class_names)
+    coverage = stats.class_coverage(test_labels, class_names)  # the accuracy is over these classes only
     metrics = {
         "test_accuracy": report["accuracy"],
+        "test_classes": coverage,
         "per_class_accuracy": report["per_class_accuracy"],
         "train_accuracy": history.epochs[-1]["train_accuracy"],
         "epochs": cfg.epochs,
@@ -55,7 +58,12 @@ def train_reference(params: Params, paths: Paths, device: str = "auto") -> dict[
     }
     if world().is_main:  # under torchrun the other ranks only help train
         write_results(paths, "reference", metrics, headline(metrics))
-    log.info("reference test accuracy %.4f (%.1f s)", metrics["test_accuracy"], history.wall_seconds)
+    log.info(
+        "reference test accuracy %.4f over %s (%.1f s)",
+        metrics["test_accuracy"],
+        stats.coverage_text(coverage, "the test split"),
+        history.wall_seconds,
+    )
     return {**metrics, "wall_seconds": round(history.wall_seconds, 2)}
 
 

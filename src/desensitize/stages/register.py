@@ -18,11 +18,12 @@ import mlflow
 import numpy as np
 
 from desensitize import stats
+from desensitize.bundle.verify import verified_release
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
 from desensitize.inference import MaskedClassifier, export_format
 from desensitize.paths import Paths
-from desensitize.release import load_released, read_release_info
+from desensitize.release import load_released
 from desensitize.reporting.cards import write_cards
 from desensitize.reporting.records import read_report
 from desensitize.tracking.registry import CHALLENGER, MODEL, model_name, register_version, version_description
@@ -37,11 +38,11 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
     run = mlflow.active_run()
     if run is None:
         raise DesensitizeError("the register stage logs into an MLflow run: run it through run_stage / the CLI")
+    info = verified_release(paths.release, paths.raw)
     gate = read_report(paths, "attack")["gate"]
     accuracy = float(read_report(paths, "evaluate")["accuracy"][MODEL])
     labels = load_released(paths.release, "test").labels  # the test images that accuracy was measured on
     chance = stats.above_chance(round(accuracy * len(labels)), labels)
-    info = read_release_info(paths.release)
     release_digest = dvc_md5(paths.release)
     image_saliency = info.scope == "image" and info.strategy == "saliency"
     classifier = MaskedClassifier(

@@ -3,13 +3,17 @@ bookkeeping for a caller that runs stages in-process (the Prefect flow) instead 
 `dvc repro`: which stages are stale, recording the ones that ran, pushing to the remote.
 
 Done this way, a run leaves the same dvc.lock and cache as `dvc repro` would, so `dvc status`
-is clean afterwards and `dvc repro` finds nothing to do.
+is clean afterwards and `dvc repro` finds nothing to do. And who holds the project's DVC locks, for a
+`dvc repro` that DVC refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
+import os
 import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -134,3 +138,43 @@ def push(root: Path) -> int:
             raise DesensitizeError(f"dvc push: {exc}") from None
     log.info("dvc push: %d files uploaded", pushed)
     return pushed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def dvc_lock_holders(root: Path) -> list[str]:
+    """The live processes that hold the DVC project's locks now, as `PID n (command)`: the repo lock
+    (`.dvc/tmp/lock`, held while DVC collects and records stages; probed without waiting, and let go at
+    once) and the stage locks in `.dvc/tmp/rwlock` (held while a stage's command runs). Empty when none."""
+    tmp = Path(root) / ".dvc" / "tmp"
+    holders: dict[int, str] = {}
+    try:
+        stage_locks = json.loads((tmp / "rwlock").read_text())
+    except (OSError, ValueError):
+        stage_locks = {}
+    for mode in ("read", "write"):
+        for infos in (stage_locks.get(mode) or {}).values():
+            for info in infos if isinstance(infos, list) else [infos]:
+                pid = info.get("pid") if isinstance(info, dict) else None
+                if isinstance(pid, int) and pid != os.getpid() and _alive(pid):
+                    holders[pid] = str(info.get("cmd", "dvc"))
+    if (tmp / "lock").is_file():
+        with open(tmp / "lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # how DVC (zc.lockfile) takes it
+            except BlockingIOError:
+                handle.seek(0)
+                text = handle.read().strip()
+                pid = int(text) if text.isdigit() else None
+                holders.setdefault(pid or 0, "dvc")
+            else:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+    return [f"PID {pid}: {cmd}" if pid else "a process holding .dvc/tmp/lock" for pid, cmd in sorted(holders.items())]
