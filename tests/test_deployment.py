@@ -104,6 +104,9 @@ def test_override_runs_are_experiments_and_the_schedule_runs_the_committed_param
     plain `dvc repro` of the committed params does."""
     import mlflow
 
+    from desensitize.paths import Paths
+    from desensitize.tracking.lineage import lineage
+
     # A project the flow has run (see conftest), committed as an operator keeps the deployment's
     # checkout; its twin is where a plain `dvc repro` shows what the committed params give.
     project = copy_flow_project(flow_project, tmp_path / "project")
@@ -215,10 +218,8 @@ def test_override_runs_are_experiments_and_the_schedule_runs_the_committed_param
         names = {flow_run_id: run.data.tags["desensitize.dvc_experiment"] for flow_run_id, run in runs.items()}
         experiments = _experiments(project)
         assert set(experiments) == set(names.values()) and len(experiments) == 2
-        inspect = subprocess.run(
-            [str(BIN / "prefect"), "flow-run", "inspect", retrain], env=env, capture_output=True, text=True, timeout=60
-        )
-        assert "train.epochs=1" in inspect.stdout  # the readable flow run name, which the experiment's carries
+        # The readable flow run name, which the experiment's carries, with the flow run's id.
+        assert _get(f"{api}/flow_runs/{retrain}")["name"].endswith("Z train.epochs=1")
         assert "train.epochs-1" in names[retrain] and names[retrain].endswith(retrain[:8])
         committed = yaml.safe_load((project / "params.yaml").read_text())
         retrained, reingested = experiments[names[retrain]], experiments[names[reingest]]
@@ -252,17 +253,9 @@ def test_override_runs_are_experiments_and_the_schedule_runs_the_committed_param
         assert _champion(client) == champion
         # Lineage resolves the retrained model: its training run, release, mask run, data and gate.
         (version,) = [v for v in new if v.tags["dvc_experiment"] == names[retrain]]
-        lineage = subprocess.run(
-            [str(BIN / "desensitize"), "lineage", f"masknet-digits/{version.version}", "--json"],
-            cwd=project,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert lineage.returncode == 0, lineage.stdout + lineage.stderr
-        chain = json.loads(lineage.stdout)
-        assert chain["complete"] and chain["model"]["dvc_experiment"] == names[retrain]
+        chain = lineage(f"masknet-digits/{version.version}", Paths(project))
+        assert chain["complete"], chain["problems"]
+        assert chain["model"]["dvc_experiment"] == names[retrain]
         assert chain["training_run"]["run_id"] == stages[retrain]["train"].info.run_id
 
         # A run without overrides reads the committed params: it writes the dvc.lock a plain `dvc repro`

@@ -51,6 +51,13 @@ def test_experiment_names_are_names_git_and_dvc_accept(parts):
     ref = f"refs/exps/ab/{'c' * 38}/{name}"
     assert subprocess.run(["git", "check-ref-format", ref], capture_output=True).returncode == 0, ref
     assert "/" not in name and experiment_name(name) == name  # DVC refuses a `/`; a name is its own name
+    assert len(name) <= 64
+
+
+def test_a_long_flow_run_name_is_cut_but_keeps_its_unique_tail():
+    long = "project 2026-12-05 05:27Z masks.cell=7 masks.hidden_ratio=0.9375 masks.template=restorability"
+    assert experiment_name(long, "84830e3f") == "project-2026-12-05-05-27Z-masks.cell-7-masks.hidden_rat-84830e3f"
+    assert experiment_name("short", "84830e3f") == "short-84830e3f"
 
 
 def test_set_args_make_dvc_write_exactly_the_validated_values(tmp_path: Path):

@@ -8,12 +8,13 @@ repository into `.dvc/tmp/overrides/<name>/` (hard-linked objects, HEAD checked 
 the checkout has not committed (dvc.lock, metrics/, plots/, the cards: the records of the last runs),
 so the experiment starts where the checkout stands and reruns only what its overrides touch. The
 clone's DVC cache is the project's own (`cache.dir`), not a copy: outputs are checked out from it and
-new ones land in it. In the clone it runs `dvc exp run -n <name> -S ++key=value ...`; stages run as
-`desensitize <stage>` there, tracked into the project's MLflow store (an absolute MLFLOW_TRACKING_URI)
-as children of one parent run tagged with the experiment's name. A finished experiment's ref is pushed
-into the checkout's git repository, where `dvc exp show` lists it and `dvc exp apply` / `dvc exp
-branch` keep it; the clone is then removed. A failed one records no experiment (as `dvc exp run`);
-its stage runs stay in MLflow, FAILED.
+new ones land in it. The checkout's attack cache (.cache/attack) is hard-linked in, so a candidate the
+scheduled search already attacked is not attacked again. In the clone it runs `dvc exp run -n <name>
+-S ++key=value ...`; stages run as `desensitize <stage>` there, tracked into the project's MLflow
+store (an absolute MLFLOW_TRACKING_URI) as children of one parent run tagged with the experiment's
+name. A finished experiment's ref is pushed into the checkout's git repository, where `dvc exp show`
+lists it and `dvc exp apply` / `dvc exp branch` keep it; the clone is then removed. A failed one
+records no experiment (as `dvc exp run`); its stage runs stay in MLflow, FAILED.
 
 Each override run has its own clone, so two at once share nothing but the DVC cache and the MLflow
 store, both safe to share. (`dvc exp run --temp` in the checkout itself would not do: it stashes and
@@ -75,15 +76,18 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def experiment_name(*parts: str) -> str:
-    """A DVC experiment name (a git ref name) from readable parts: other characters become `-`."""
-    name = _UNSAFE_NAME.sub("-", "-".join(part for part in parts if part)).replace("..", ".")
-    name = name.strip(".-")
-    if name.endswith(".lock"):
-        name = name.removesuffix(".lock")
-    if not name:
+def experiment_name(*parts: str, limit: int = 64) -> str:
+    """A DVC experiment name (a git ref name) from readable parts: other characters become `-`, and the
+    parts but the last (a unique tail, kept whole) are cut to fit `limit` characters, so that `dvc exp
+    show` can print it."""
+    clean = [_UNSAFE_NAME.sub("-", part).replace("..", ".").strip(".-") for part in parts]
+    clean = [part.removesuffix(".lock") for part in clean if part]
+    if not clean:
         raise DesensitizeError(f"{parts!r}: no experiment name can be made of it")
-    return name
+    *head, tail = clean
+    room = limit - len(tail) - 1
+    lead = "-".join(head)[: max(room, 0)].rstrip(".-")
+    return f"{lead}-{tail}" if lead else tail
 
 
 def default_name() -> str:
@@ -285,6 +289,7 @@ def _make_workspace(root: Path, name: str, cache: Path) -> Path:
             elif not source.exists():
                 target.unlink(missing_ok=True)
         _configure_dvc(root, workspace, cache)
+        _link_attack_cache(Paths(root), Paths(workspace))
         for key in ("user.name", "user.email"):  # DVC commits the experiment; git needs someone to sign it
             if subprocess.run(["git", "config", key], cwd=root, capture_output=True).returncode != 0:
                 _git(workspace, "config", key, "desensitize" if key == "user.name" else "desensitize@localhost")
@@ -292,6 +297,22 @@ def _make_workspace(root: Path, name: str, cache: Path) -> Path:
         shutil.rmtree(workspace, ignore_errors=True)
         raise
     return workspace
+
+
+def _link_attack_cache(checkout: Paths, workspace: Paths) -> None:
+    """The checkout's attack cache (full attack-suite results by the digest of their inputs), hard-linked
+    in: a candidate the scheduled run's search already attacked is not attacked again (on MNIST-5k that
+    is most of an override run's masks stage). Entries are written by rename, so what the experiment
+    adds or evicts stays in its own directory."""
+    if not checkout.attack_cache.is_dir():
+        return
+    workspace.attack_cache.mkdir(parents=True, exist_ok=True)
+    for entry in checkout.attack_cache.iterdir():
+        if entry.is_file() and not entry.name.startswith("."):  # not an atomic write in progress
+            try:
+                os.link(entry, workspace.attack_cache / entry.name)
+            except OSError:  # another file system, or no hard links: a copy will do
+                shutil.copy2(entry, workspace.attack_cache / entry.name)
 
 
 def _configure_dvc(root: Path, workspace: Path, cache: Path) -> None:
