@@ -226,11 +226,10 @@ def repro(
 ) -> None:
     """`dvc repro` inside one MLflow parent run, whose children are the stage runs (what `make run`
     does). Extra arguments go to `dvc repro`. A bare `dvc repro` works too, with stand-alone stage runs.
-
-    With --set, the run is a DVC experiment instead, as the Prefect flow's overrides are: `dvc exp run -n
-    NAME -S KEY=VALUE` in a clone of this checkout that shares its DVC cache, on the committed params.yaml
-    (refused when params.yaml or dvc.yaml has uncommitted changes); this checkout's files stay as they
-    are, and `dvc exp show` lists the experiment. Extra arguments then go to `dvc exp run`."""
+    With --set, the run is a DVC experiment instead, as the Prefect flow's overrides are: `dvc exp run
+    -n NAME -S KEY=VALUE` in a clone of this checkout that shares its DVC cache, on the committed
+    params.yaml (refused while params.yaml or dvc.yaml has uncommitted changes); this checkout's files
+    stay as they are, `dvc exp show` lists the experiment, and extra arguments go to `dvc exp run`."""
     from desensitize.tracking.runs import pipeline_run
 
     if set_:
