@@ -1,12 +1,18 @@
 """The Prefect flow `desensitization-pipeline`: the stages of dvc.yaml as tasks, then DVC versioning.
 
-Each stage task calls `desensitize.orchestration.runner.run_stage`, as the CLI (and so `dvc repro`) does; a
-stage runs only when DVC says it is stale. Afterwards the stages that ran are committed to DVC
-(`dvc commit`) and the cache is pushed (`dvc push`), so a Prefect run leaves the same records as
-`dvc repro` + `dvc push`. A failed privacy gate fails the run and pushes nothing.
+A run without overrides (the schedule's) runs the committed params.yaml and dvc.yaml in the checkout
+(it refuses, naming them, when either has uncommitted changes). Each stage task calls
+`desensitize.orchestration.runner.run_stage`, as the CLI (and so `dvc repro`) does; a stage runs only
+when DVC says it is stale. Afterwards the stages that ran are committed to DVC (`dvc commit`) and the
+cache is pushed (`dvc push`), so a Prefect run leaves the same records as `dvc repro` + `dvc push`. A
+failed privacy gate fails the run and pushes nothing.
 
-    python flows/pipeline.py                        # one run, here, with params.yaml
-    python flows/pipeline.py --set masks.hidden_ratio=0.5
+A run with overrides is a DVC experiment named after the flow run, in a workspace of its own
+(desensitize.orchestration.experiment.run_experiment, which `desensitize repro --set` calls too): the
+checkout's files stay as they are, and `dvc exp show` lists the experiment.
+
+    python flows/pipeline.py                        # one run, here, with the committed params.yaml
+    python flows/pipeline.py --set masks.template=restorability --set masks.cell=7 --set masks.hidden_ratio=0.9375
     python flows/pipeline.py --serve                # long-running local scheduler (nightly, UTC)
 
 `prefect deploy --all` deploys it from prefect.yaml onto a process work pool (README: operators).
@@ -19,14 +25,20 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from desensitize.config import Params, write_overrides
+from desensitize.config import Params
 from desensitize.errors import DesensitizeError
+from desensitize.orchestration.experiment import (
+    checkout_lock,
+    experiment_name,
+    parse_set,
+    require_committed,
+    run_experiment,
+)
 from desensitize.orchestration.pipeline import STAGES, check_for_dvc
 from desensitize.orchestration.runner import run_stage
 from desensitize.paths import Paths
@@ -48,7 +60,7 @@ def _unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def _run_name() -> str:
-    """The project, the start time and the overrides, e.g. `desensitize 2026-11-26 02:00Z masks.hidden_ratio=0.5`."""
+    """The project, the start time and the overrides, e.g. `desensitize 2026-11-26 02:00Z masks.cell=7`."""
     parameters = flow_run.parameters
     project = Path(parameters.get("params_file", "params.yaml")).resolve().parent.name
     overrides = parameters.get("overrides") or {}
@@ -109,31 +121,48 @@ def publish_report(
     paths: Paths, executed: list[str], skipped: list[str], error: str | None, mlflow_run_url: str | None
 ) -> None:
     """The run's Markdown artifact: metrics table, gate verdict, and the MLflow run when given."""
-    markdown = run_report(paths, executed=executed, skipped=skipped, error=error, mlflow_run_url=mlflow_run_url)
+    publish(run_report(paths, executed=executed, skipped=skipped, error=error, mlflow_run_url=mlflow_run_url))
+
+
+def publish(markdown: str) -> None:
     create_markdown_artifact(markdown, key="desensitization-report", description="Metrics and privacy gate of this run")
+
+
+experiment_task = task(run_experiment, name="dvc-exp-run", cache_policy=NO_CACHE)
 
 
 @flow(name=FLOW_NAME, flow_run_name=_run_name, validate_parameters=True)
 def desensitization_pipeline(
     params_file: str = "params.yaml", overrides: dict[str, Any] | None = None, device: str = "auto"
 ) -> dict[str, Any]:
-    """Run the desensitization pipeline of the DVC project holding `params_file` and version its
-    outputs. `overrides` (dotted key -> value, e.g. {"masks.hidden_ratio": 0.5}) are validated and
-    then written into the params file, like `dvc exp run -S`, so DVC records the values used."""
+    """Run the desensitization pipeline of the DVC project holding `params_file`. Without `overrides`:
+    on the committed params.yaml and dvc.yaml, in the checkout, then version its outputs. With
+    `overrides` (dotted key -> value, e.g. {"masks.cell": 7}): as a DVC experiment named after this
+    flow run, in a workspace of its own; the checkout's files stay as they are."""
     logger = get_run_logger()
     path = Path(params_file).resolve()
     root = path.parent
     if path.name != "params.yaml":
         raise DesensitizeError(f"{path}: dvc.yaml's stages read params.yaml beside it; pass that file")
+    tags = {"prefect.flow_run_id": str(flow_run.id)}
+    if overrides:
+        name = experiment_name(flow_run.name or "", str(flow_run.id)[:8])
+        run = experiment_task(root, overrides, name, device=device, tags=tags)
+        publish(run.report)
+        if run.error:
+            raise DesensitizeError(run.error)
+        logger.info("DVC experiment %s (%s): ran %s", run.name, run.rev, run.executed or "nothing")
+        return {"experiment": run.name, "rev": run.rev, "executed": run.executed, "skipped": run.skipped}
     versioning.check_project(root)  # before any work: a run that could not be pushed does not start
-    write_overrides(path, overrides or {})
+    require_committed(root)
     params = check_for_dvc(path)  # every key DVC reads, a source for it to watch, a grid that fits
     paths = Paths(root)
     executed: list[str] = []
     skipped: list[str] = []
+    # It writes the checkout: other runs that would (or would copy it, for an experiment) wait.
     # One MLflow parent run for this flow run: the stage runs become its children, and it keeps
     # the dvc.lock that the DVC commit below writes.
-    with pipeline_run(paths, tags={"prefect.flow_run_id": str(flow_run.id)}) as parent_id:
+    with checkout_lock(root), pipeline_run(paths, tags=tags) as parent_id:
         link = run_link(paths, parent_id)
         try:
             run_stages(params, root, device, executed, skipped)
@@ -154,27 +183,29 @@ def desensitization_pipeline(
 cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def _parse_set(values: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. masks.hidden_ratio=0.5")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return overrides
-
-
 @cli.command()
 def main(
     params: Annotated[str, typer.Option("--params", "-p", help="The project's params.yaml.")] = "params.yaml",
-    set_: Annotated[list[str], typer.Option("--set", "-S", help="An override KEY=VALUE (repeatable).")] = [],  # noqa: B006 - typer reads a list default
+    set_: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            "-S",
+            help="An override KEY=VALUE (repeatable; the value is YAML): the run is a DVC experiment, "
+            "the checkout untouched.",
+        ),
+    ] = [],  # noqa: B006 - typer reads a list default
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     serve: Annotated[
         bool, typer.Option(help=f"Serve the flow on a schedule ({NIGHTLY_CRON} UTC) until stopped.")
     ] = False,
 ) -> None:
     """Run the pipeline once as a Prefect flow, or serve it nightly (a long-running local scheduler)."""
-    parameters = {"params_file": params, "overrides": _parse_set(set_), "device": device}
+    try:
+        overrides = parse_set(set_)
+    except DesensitizeError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    parameters = {"params_file": params, "overrides": overrides, "device": device}
     if serve:
         from prefect.schedules import Cron
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,17 +91,14 @@ def test_help_explains_every_command():
         assert command in result.output
 
 
-def test_overrides_are_validated_then_written_keeping_comments(tmp_path: Path):
-    from desensitize.config import write_overrides
+def test_overrides_are_set_on_a_copy_then_validated(tmp_path: Path):
+    from desensitize.config import with_overrides
 
-    path = tmp_path / "params.yaml"
-    path.write_text("seed: 0  # the seed\nmasks:\n  hidden_ratio: 0.75  # share hidden\n")
-    params = write_overrides(path, {"masks.hidden_ratio": "0.5", "attack.sample": 100})
-    assert params.masks.hidden_ratio == 0.5 and params.attack.sample == 100
-    text = path.read_text()
-    assert re.search(r"hidden_ratio: 0.5 +# share hidden", text)  # the validated value, a number; comment kept
-    assert "# the seed" in text
-    assert load_params(path) == params
+    raw = {"seed": 0, "masks": {"hidden_ratio": 0.75}}
+    tree = with_overrides(raw, {"masks.hidden_ratio": "0.5", "attack.sample": 100}, "params.yaml with overrides")
+    assert raw == {"seed": 0, "masks": {"hidden_ratio": 0.75}}  # the file's tree is left as it was
+    params = parse_params(tree)
+    assert params.masks.hidden_ratio == 0.5 and params.attack.sample == 100  # "0.5" validated to a number
 
 
 @pytest.mark.parametrize(
@@ -113,13 +111,13 @@ def test_overrides_are_validated_then_written_keeping_comments(tmp_path: Path):
     ],
 )
 def test_a_bad_override_names_the_key_and_writes_nothing(tmp_path: Path, overrides, message):
-    from desensitize.config import write_overrides
+    from desensitize.orchestration.pipeline import check_for_dvc
 
     path = tmp_path / "params.yaml"
-    path.write_text("seed: 0\nmasks:\n  hidden_ratio: 0.75\n")
+    shutil.copy(REPO / "params.yaml", path)
     before = path.read_bytes()
     with pytest.raises(DesensitizeError, match=re.escape(message)):
-        write_overrides(path, overrides)
+        check_for_dvc(path, overrides)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["params.yaml"]
 

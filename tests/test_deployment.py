@@ -1,11 +1,13 @@
-"""The operator's path end to end: a real `prefect server`, the deployment from prefect.yaml, a
-triggered run executed by a process worker to Completed. Every process started is stopped."""
+"""The operator's path end to end: a real `prefect server`, the deployment from prefect.yaml, flow runs
+executed by a process worker: override runs as DVC experiments side by side, then a run without
+overrides on the committed params. Every process started is stopped."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -56,10 +58,61 @@ def _get(url: str):
         return json.loads(response.read())
 
 
-def test_deployment_runs_on_a_process_worker_to_completed(flow_project, tmp_path: Path):
-    # A project the flow has run (see conftest), so the deployed run redoes only `attack`, whose
-    # params its override changes.
+def _git(project: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _dvc(project: Path, *args: str, env: dict | None = None) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _experiments(project: Path) -> dict[str, dict]:
+    """`dvc exp show --json` of the checkout, by experiment name: each one's params and metrics."""
+    return {
+        revision["name"]: revision["data"]
+        for baseline in json.loads(_dvc(project, "exp", "show", "--json"))
+        for experiment in baseline.get("experiments") or []
+        for revision in experiment["revs"]
+    }
+
+
+def _champion(client) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias("masknet-digits", "champion").version
+    except MlflowException:
+        return None
+
+
+def test_override_runs_are_experiments_and_the_schedule_runs_the_committed_params(flow_project, tmp_path: Path):
+    """The operator's path end to end: a real `prefect server`, the deployment from prefect.yaml, flow runs
+    executed by a process worker. Two override runs started together each become a DVC experiment in a
+    workspace of their own, the checkout untouched; a run without overrides then does exactly what a
+    plain `dvc repro` of the committed params does."""
+    import mlflow
+
+    from desensitize.paths import Paths
+    from desensitize.tracking.lineage import lineage
+
+    # A project the flow has run (see conftest), committed as an operator keeps the deployment's
+    # checkout; its twin is where a plain `dvc repro` shows what the committed params give.
     project = copy_flow_project(flow_project, tmp_path / "project")
+    _git(project, "add", "-A")
+    _git(project, "commit", "-qm", "the nightly run's records")
+    twin = shutil.copytree(project, tmp_path / "twin", symlinks=True)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -81,6 +134,39 @@ def test_deployment_runs_on_a_process_worker_to_completed(flow_project, tmp_path
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout
 
+    def trigger(*args: str) -> str:
+        out = prefect("deployment", "run", "desensitization-pipeline/nightly", *args)
+        return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+
+    def finish(*flow_run_ids: str) -> None:
+        deadline = time.monotonic() + 420
+        for flow_run_id in flow_run_ids:
+            while (state := _get(f"{api}/flow_runs/{flow_run_id}")["state"])["type"] not in TERMINAL:
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-5000:]
+                assert started[-1].poll() is None, (tmp_path / "worker.log").read_text()[-5000:]
+                time.sleep(2)
+            assert state["type"] == "COMPLETED", f"{state['message']}\n{(tmp_path / 'worker.log').read_text()[-5000:]}"
+
+    def parent(flow_run_id: str):
+        (run,) = mlflow.search_runs(
+            experiment_names=["desensitize"],
+            filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+            output_format="list",
+        )
+        return run
+
+    def children(run) -> dict:
+        found = mlflow.search_runs(
+            experiment_names=["desensitize"],
+            filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+            output_format="list",
+        )
+        return {child.data.tags["desensitize.stage"]: child for child in found}
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the session's store (conftest), the runs' too
+    client = mlflow.MlflowClient()
+    versions_before = {v.version for v in client.search_model_versions("name = 'masknet-digits'")}
+    champion = _champion(client)
     started: list[subprocess.Popen] = []
     try:
         server = _start(
@@ -112,38 +198,77 @@ def test_deployment_runs_on_a_process_worker_to_completed(flow_project, tmp_path
         pool = yaml.safe_load((project / "prefect.yaml").read_text())["deployments"][0]["work_pool"]["name"]
         prefect("work-pool", "create", pool, "--type", "process")
         prefect("deploy", "--all", "--no-prompt")
-        out = prefect(
-            "deployment", "run", "desensitization-pipeline/nightly", "--param", 'overrides={"attack.sample": 100}'
-        )
-        flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
-
+        # Two override runs, started together. A retrains (train, baselines, evaluate and register run in
+        # its experiment); B changes a key only ingest and register read (digits ignores data.image_size,
+        # so ingest writes the same bytes and nothing between them reruns).
+        retrain = trigger("--param", 'overrides={"train.epochs": 1}')
+        reingest = trigger("--param", 'overrides={"data.image_size": 16}')
         started.append(
             _start(
                 [str(BIN / "prefect"), "worker", "start", "--pool", pool], tmp_path / "worker.log", cwd=project, env=env
             )
         )
-        deadline = time.monotonic() + 420
-        while (state := _get(f"{api}/flow_runs/{flow_run_id}")["state"])["type"] not in TERMINAL:
-            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
-            assert started[-1].poll() is None, (tmp_path / "worker.log").read_text()
-            time.sleep(2)
-        assert state["type"] == "COMPLETED", f"{state['message']}\n{(tmp_path / 'worker.log').read_text()[-5000:]}"
+        finish(retrain, reingest)
 
-        # The run did the pipeline's work in the checkout, with the override written where DVC reads it.
-        result = subprocess.run(
-            [str(BIN / "prefect"), "flow-run", "inspect", flow_run_id],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert "attack.sample=100" in result.stdout  # the readable flow run name
-        assert yaml.safe_load((project / "params.yaml").read_text())["attack"]["sample"] == 100
-        assert json.loads((project / "reports" / "attack" / "report.json").read_text())["sample"] == 100
-        status = subprocess.run(
-            [sys.executable, "-m", "dvc", "status", "--json"], cwd=project, capture_output=True, text=True, timeout=120
-        )
-        assert json.loads(status.stdout) == {}, status.stdout + status.stderr
+        # The checkout is as it was: no change for git, no workspace left behind.
+        assert _git(project, "status", "--porcelain") == ""
+        assert not any((project / ".dvc" / "tmp" / "overrides").iterdir())
+        # Each is its own DVC experiment, named after its flow run, with its own params and metrics.
+        runs = {flow_run_id: parent(flow_run_id) for flow_run_id in (retrain, reingest)}
+        names = {flow_run_id: run.data.tags["desensitize.dvc_experiment"] for flow_run_id, run in runs.items()}
+        experiments = _experiments(project)
+        assert set(experiments) == set(names.values()) and len(experiments) == 2
+        # The readable flow run name, which the experiment's carries, with the flow run's id.
+        assert _get(f"{api}/flow_runs/{retrain}")["name"].endswith("Z train.epochs=1")
+        assert "train.epochs-1" in names[retrain] and names[retrain].endswith(retrain[:8])
+        committed = yaml.safe_load((project / "params.yaml").read_text())
+        retrained, reingested = experiments[names[retrain]], experiments[names[reingest]]
+        assert retrained["params"]["params.yaml"]["data"]["train"]["epochs"] == 1
+        assert retrained["params"]["params.yaml"]["data"]["data"]["image_size"] == committed["data"]["image_size"]
+        assert reingested["params"]["params.yaml"]["data"]["data"]["image_size"] == 16
+        assert reingested["params"]["params.yaml"]["data"]["train"] == committed["train"]
+
+        # In MLflow: each parent run carries its experiment, and so does every stage run under it.
+        stages = {flow_run_id: children(run) for flow_run_id, run in runs.items()}
+        assert set(stages[retrain]) == {"train", "baselines", "evaluate", "register"}
+        assert set(stages[reingest]) == {"ingest", "register"}
+        for flow_run_id, runs_of_stages in stages.items():
+            assert all(
+                run.data.tags["desensitize.dvc_experiment"] == names[flow_run_id] for run in runs_of_stages.values()
+            )
+        # The experiment's metrics are what its evaluate run measured; B's are the baseline's.
+        evaluated = stages[retrain]["evaluate"].data.metrics
+        shown = retrained["metrics"]["metrics/evaluate.json"]["data"]
+        assert shown == {model: evaluated[f"accuracy.{model}"] for model in shown}
+        baseline = json.loads((project / "metrics" / "evaluate.json").read_text())
+        assert reingested["metrics"]["metrics/evaluate.json"]["data"] == baseline
+        # The two ran at the same time.
+        spans = [(run.info.start_time, run.info.end_time) for run in runs.values()]
+        assert max(start for start, _ in spans) < min(end for _, end in spans)
+
+        # Each registered a version tagged with its experiment; neither is champion.
+        new = [v for v in client.search_model_versions("name = 'masknet-digits'") if v.version not in versions_before]
+        assert sorted(v.tags["dvc_experiment"] for v in new) == sorted(names.values())
+        assert all(v.tags["champion_decision"].startswith("not champion: trained in DVC experiment") for v in new)
+        assert _champion(client) == champion
+        # Lineage resolves the retrained model: its training run, release, mask run, data and gate.
+        (version,) = [v for v in new if v.tags["dvc_experiment"] == names[retrain]]
+        chain = lineage(f"masknet-digits/{version.version}", Paths(project))
+        assert chain["complete"], chain["problems"]
+        assert chain["model"]["dvc_experiment"] == names[retrain]
+        assert chain["training_run"]["run_id"] == stages[retrain]["train"].info.run_id
+
+        # A run without overrides reads the committed params: it writes the dvc.lock a plain `dvc repro`
+        # of the same checkout writes. (evaluate's metrics removed in both, so both have a stage to run.)
+        for checkout in (project, twin):
+            (checkout / "metrics" / "evaluate.json").unlink()
+        nightly = trigger()
+        finish(nightly)
+        _dvc(twin, "repro", env={**env, "PYTHONPATH": str(twin / "src"), "PWD": str(twin)})
+        assert (project / "dvc.lock").read_bytes() == (twin / "dvc.lock").read_bytes()
+        assert (project / "metrics" / "evaluate.json").read_bytes() == (twin / "metrics" / "evaluate.json").read_bytes()
+        assert set(children(parent(nightly))) == {"evaluate"}
+        assert json.loads(_dvc(project, "status", "--json")) == {}
         deployment = _get(f"{api}/deployments/name/desensitization-pipeline/nightly")
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
     finally:

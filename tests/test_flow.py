@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import copy_flow_project, run_flow
+from desensitize.errors import DesensitizeError
+from desensitize.orchestration.experiment import run_experiment
+from desensitize.orchestration.pipeline import STAGES
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +131,6 @@ def test_transient_ingest_failure_is_retried(flow_project, tmp_path: Path, monke
 
 def test_bad_input_in_ingest_is_not_retried(flow_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     import desensitize.stages.ingest
-    from desensitize.errors import DesensitizeError
 
     project = copy_flow_project(flow_project, tmp_path / "project")
     shutil.rmtree(project / "data" / "raw")
@@ -145,22 +146,93 @@ def test_bad_input_in_ingest_is_not_retried(flow_project, tmp_path: Path, monkey
     assert len(calls) == 1  # bad input never succeeds on retry
 
 
-def test_failed_gate_fails_the_run_and_pushes_nothing(flow_project, tmp_path: Path):
+def _workspace_files(project: Path) -> dict[str, str]:
+    """Every file of the checkout outside git's and DVC's own directories: params, dvc.lock, metrics,
+    reports, data, models."""
+    return {path: digest for path, digest in _files(project).items() if not path.startswith((".git/", ".dvc/"))}
+
+
+def _experiments(project: Path) -> dict[str, dict]:
+    """`dvc exp show --json` of the checkout, by experiment name: each one's params and metrics."""
+    result = _dvc(project, "exp", "show", "--json")
+    assert result.returncode == 0, result.stderr
+    found = {}
+    for baseline in json.loads(result.stdout):
+        for experiment in baseline.get("experiments") or []:
+            for revision in experiment["revs"]:
+                found[revision["name"]] = revision["data"]
+    return found
+
+
+def test_an_override_run_that_fails_the_gate_changes_nothing_and_records_no_experiment(flow_project, tmp_path: Path):
+    # A checkout as the flow left it: dvc.lock, metrics/ and the cards never committed. The experiment
+    # starts from them, so only masks (and what follows) reruns, in its own workspace.
     project = copy_flow_project(flow_project, tmp_path / "project")
     remote = flow_project[1]
-    before = _files(remote)
+    before, remote_before = _workspace_files(project), _files(remote)
     registered = _mlflow_runs("tags.`desensitize.stage` = 'register'")
     state = run_flow(project, overrides={"attack.thresholds.max_linkage_x_chance": 1})
 
     assert state.is_failed()
     # The mask search finds no candidate that passes: it names the closest and what it missed.
     assert "no mask candidate passes the privacy gate" in state.message and "linkage_within_class" in state.message
-    assert _files(remote) == before
-    assert yaml.safe_load((project / "params.yaml").read_text())["attack"]["thresholds"]["max_linkage_x_chance"] == 1
-    # Not recorded as done: masks (the search is held to the gate) and the stages listing attack.* too.
-    assert set(json.loads(_dvc(project, "status", "--json").stdout)) == {"masks", "attack", "register"}
-    assert "FAILED" in _report(state)
+    assert "stage masks failed" in state.message
+    # The checkout is as it was: params.yaml, dvc.lock, metrics, reports, data; no experiment, no workspace.
+    assert _workspace_files(project) == before
+    assert _experiments(project) == {}
+    assert not any((project / ".dvc" / "tmp" / "overrides").iterdir())
+    assert _files(remote) == remote_before  # nothing pushed
+    assert "FAILED" in _report(state) and "not recorded" in _report(state)
     assert len(_mlflow_runs("tags.`desensitize.stage` = 'register'")) == len(registered)  # nothing registered
+    (parent,) = _mlflow_runs(f"tags.`prefect.flow_run_id` = '{state.state_details.flow_run_id}'")
+    experiment = parent.data.tags["desensitize.dvc_experiment"]
+    assert parent.info.status == "FAILED" and experiment.endswith(str(state.state_details.flow_run_id)[:8])
+    (masks,) = _mlflow_runs(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert masks.data.tags["desensitize.stage"] == "masks" and masks.info.status == "FAILED"
+    assert masks.data.tags["desensitize.dvc_experiment"] == experiment
+
+
+def test_repro_with_set_and_the_flow_with_overrides_run_the_same_experiment(flow_project, tmp_path: Path):
+    """`desensitize repro --set` and the flow's overrides are one implementation: each run is a DVC
+    experiment whose one change is the override, the checkout untouched. (compute.workers: a key no
+    stage lists, so DVC reruns nothing and the experiments cost seconds.)"""
+    project = copy_flow_project(flow_project, tmp_path / "project")
+    before = _workspace_files(project)
+    status_before = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "desensitize"), "repro", "--set", "compute.workers=3", "--name", "from-cli"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert "DVC experiment from-cli" in cli.stdout and "privacy gate passed" in cli.stdout  # and its summary
+    state = run_flow(project, overrides={"compute.workers": 3})
+    assert state.is_completed(), state.message
+    flow_name = state.result()["experiment"]
+    assert state.result()["executed"] == [] and state.result()["skipped"] == list(STAGES)
+
+    experiments = _experiments(project)
+    assert set(experiments) == {"from-cli", flow_name}
+    metrics = json.loads((project / "metrics" / "evaluate.json").read_text())
+    for name in ("from-cli", flow_name):
+        data = experiments[name]
+        assert data["params"]["params.yaml"]["data"]["compute"]["workers"] == 3
+        assert data["metrics"]["metrics/evaluate.json"]["data"] == metrics  # nothing reran: the baseline's
+        (parent,) = _mlflow_runs(f"tags.`desensitize.dvc_experiment` = '{name}'")
+        assert parent.info.status == "FINISHED"
+    assert _workspace_files(project) == before
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project, capture_output=True, text=True)
+    assert status.stdout == status_before.stdout
+    with pytest.raises(DesensitizeError, match="an experiment named 'from-cli' exists"):  # before any work
+        run_experiment(project, {"compute.workers": 4}, "from-cli")
+
+
+def _edit_params(project: Path) -> None:
+    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("seed: 0", "seed: 1"))
 
 
 @pytest.mark.parametrize(
@@ -169,11 +241,16 @@ def test_failed_gate_fails_the_run_and_pushes_nothing(flow_project, tmp_path: Pa
         (None, {"masks.hiden_ratio": 0.5}, "masks.hiden_ratio: unknown key"),
         (None, {"masks.hidden_ratio": 1.5}, "masks.hidden_ratio = 1.5"),
         (("remote", "default", "--unset"), {}, "no default DVC remote"),
+        # A scheduled run reads the committed params.yaml, and an override run starts from it.
+        (_edit_params, {}, "uncommitted changes to M params.yaml"),
+        (_edit_params, {"train.epochs": 1}, "uncommitted changes to M params.yaml"),
     ],
 )
 def test_bad_input_fails_before_any_work(flow_project, tmp_path: Path, change, overrides, expected):
     project = copy_flow_project(flow_project, tmp_path / "project")
-    if change:
+    if callable(change):
+        change(project)
+    elif change:
         assert _dvc(project, *change).returncode == 0
     before = _files(project)
     state = run_flow(project, overrides=overrides)

@@ -151,6 +151,43 @@ def test_a_model_at_chance_is_registered_but_never_champion(tmp_path, monkeypatc
     assert client.get_model_version(NAME, "2").tags["champion_decision"] == "champion: accuracy 0.4333"
 
 
+def test_a_model_from_a_dvc_experiment_is_registered_but_never_champion(tmp_path, monkeypatch):
+    """An override run (or `dvc exp run`) registers its model, tagged with the experiment, as challenger:
+    the champion, what a deployment serves, comes only from committed params. The same model registered
+    outside an experiment then becomes champion."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    configure(Paths(tmp_path))
+    client, labels = mlflow.MlflowClient(uri), np.arange(300) % 3
+
+    def register(experiment: str | None) -> dict:
+        with mlflow.start_run():
+            chance = above_chance(280, labels)
+            return register_version(
+                nn.Linear(2, 3),
+                NAME,
+                accuracy=280 / 300,
+                gate_passed=True,
+                chance=chance,
+                tags={},
+                experiment=experiment,
+            )
+
+    tried = register("project-2026-12-06-0200Z-masks.cell-7-1a2b3c4d")
+    assert not tried["champion"] and _champion(client) is None
+    assert tried["why"] == (
+        "trained in DVC experiment 'project-2026-12-06-0200Z-masks.cell-7-1a2b3c4d' "
+        "(champion comes only from committed params)"
+    )
+    version = client.get_model_version(NAME, "1")
+    assert version.aliases == ["challenger"] and version.tags["dvc_experiment"].endswith("1a2b3c4d")
+    assert version.tags["champion_decision"] == f"not champion: {tried['why']}"
+
+    committed = register(None)
+    assert committed["champion"] and _champion(client) == "2"
+    assert "dvc_experiment" not in client.get_model_version(NAME, "2").tags
+
+
 def test_a_version_carries_its_model_card_and_its_signature(project):
     """What the auditor sees on the version's page: the model card as its description, and the
     model's inputs and outputs (signature, input example), its format and how to load it; the model

@@ -39,7 +39,14 @@ app = typer.Typer(
 )
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The params file (see params.yaml).")]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")]
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        envvar="DESENSITIZE_DEVICE",  # how an override run passes its device to the stages dvc.yaml runs
+        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+    ),
+]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -204,12 +211,35 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @_user_errors
-def repro(ctx: typer.Context) -> None:
+def repro(
+    ctx: typer.Context,
+    set_: Annotated[
+        list[str],
+        typer.Option(
+            "--set",
+            "-S",
+            help="An override KEY=VALUE (repeatable; the value is YAML, e.g. masks.search.hidden_ratios=[0.75,0.875]): "
+            "the run becomes a DVC experiment in a workspace of its own, the checkout untouched.",
+        ),
+    ] = [],  # noqa: B006 - typer reads a list default
+    name: Annotated[
+        str | None, typer.Option(help="With --set: the experiment's name (default repro-<UTC time>-<random>).")
+    ] = None,
+) -> None:
     """`dvc repro` inside one MLflow parent run, whose children are the stage runs (what `make run`
-    does). Extra arguments go to `dvc repro`. A bare `dvc repro` works too, with stand-alone stage runs."""
+    does). Extra arguments go to `dvc repro`. A bare `dvc repro` works too, with stand-alone stage runs.
+    With --set, the run is a DVC experiment instead, as the Prefect flow's overrides are: `dvc exp run
+    -n NAME -S KEY=VALUE` in a clone of this checkout that shares its DVC cache, on the committed
+    params.yaml (refused while params.yaml or dvc.yaml has uncommitted changes); this checkout's files
+    stay as they are, `dvc exp show` lists the experiment, and extra arguments go to `dvc exp run`."""
     from desensitize.tracking.runs import pipeline_run
     from desensitize.tracking.versioning import dvc_lock_holders
 
+    if set_:
+        _experiment(set_, name, ctx.args)
+        return
+    if name is not None:
+        raise DesensitizeError("--name names the experiment of an override run: it needs --set")
     paths = Paths()
     check_for_dvc(paths.params_file)  # before the MLflow run: a file DVC would reject starts nothing
     with pipeline_run(paths) as run_id:
@@ -230,6 +260,20 @@ def repro(ctx: typer.Context) -> None:
                 "stage wrote)"
             )
     typer.echo(f"MLflow pipeline run {run_id}")
+
+
+def _experiment(items: list[str], name: str | None, dvc_args: list[str]) -> None:
+    from desensitize.orchestration.experiment import default_name, parse_set, run_experiment
+
+    run = run_experiment(Path.cwd(), parse_set(items), name or default_name(), dvc_args=dvc_args)
+    if run.error:
+        failed = f"; MLflow run {run.parent_run_id} marked FAILED" if run.parent_run_id else ""
+        raise DesensitizeError(f"{run.error}{failed}; this checkout is untouched")
+    typer.echo(run.summary)
+    typer.echo(
+        f"DVC experiment {run.name} ({run.rev[:7] if run.rev else '?'}): `dvc exp show` lists it, `dvc exp apply "
+        f"{run.name}` brings it into this workspace\nMLflow pipeline run {run.parent_run_id}"
+    )
 
 
 @app.command()

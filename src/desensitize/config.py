@@ -324,42 +324,17 @@ def get_dotted(tree: Any, key: str) -> Any:
     return tree
 
 
-def write_overrides(path: Path | str, overrides: dict[str, Any]) -> Params:
-    """Validate `overrides` (dotted key -> value) on top of the params file, then write them into it.
-
-    The file is what DVC reads for each stage's params, so the values a run used must be in it
-    (as `dvc exp run -S` does). Nothing is written unless every value is valid; the write keeps
-    comments and order and is atomic. Returns the validated params."""
+def with_overrides(raw: Any, overrides: dict[str, Any], origin: str) -> dict[str, Any]:
+    """A copy of the params tree `raw` with `overrides` (dotted key -> value, e.g. {"masks.cell": 7})
+    set; `origin` names the file in errors. Nothing is written (an override run changes its DVC
+    experiment's own copy of the file, never the checkout's). The result still needs `parse_params`."""
     import copy
 
-    from dvc.utils.serialize import dumps_yaml, parse_yaml_for_update
-
-    from desensitize.storage import atomic_path
-
-    path = Path(path)
-    base = load_params(path)
-    if not overrides:
-        return base
-    origin = f"{path} with overrides"
-    text = path.read_text()
-    raw = yaml.safe_load(text) or {}
+    tree = copy.deepcopy(raw) if raw is not None else {}
+    if not isinstance(tree, dict):
+        raise DesensitizeError(f"{origin}: expected a mapping at the top level, got {type(tree).__name__}")
     for key, value in overrides.items():
         if not isinstance(key, str) or not key or "" in key.split("."):
-            raise DesensitizeError(f"{origin}: {key!r}: expected a dotted key such as masks.hidden_ratio")
-        _set_dotted(raw, key, value, origin)
-    params = parse_params(raw, origin=origin)
-    # Write the validated value (e.g. "0.5" from a UI becomes 0.5), so DVC hashes what ran.
-    validated = params.model_dump(mode="json")
-    document = parse_yaml_for_update(text, str(path))
-    changed = False
-    for key in overrides:
-        value = copy.deepcopy(get_dotted(validated, key))
-        try:
-            changed |= get_dotted(document, key) != value
-        except (KeyError, TypeError):
-            changed = True
-        _set_dotted(document, key, value, origin)
-    if changed:
-        with atomic_path(path) as tmp:
-            tmp.write_text(dumps_yaml(document))
-    return params
+            raise DesensitizeError(f"{origin}: {key!r}: expected a dotted key such as masks.cell")
+        _set_dotted(tree, key, copy.deepcopy(value), origin)
+    return tree

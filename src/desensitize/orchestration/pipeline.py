@@ -21,7 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from desensitize.config import EMBEDDED, DataParams, Params, get_dotted, parse_params, read_params_file
+from desensitize.config import (
+    EMBEDDED,
+    DataParams,
+    Params,
+    get_dotted,
+    parse_params,
+    read_params_file,
+    with_overrides,
+)
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 from desensitize.tracking.runs import Item
@@ -193,17 +201,22 @@ def dvc_keys() -> list[str]:
     return list(dict.fromkeys([*(key for stage in STAGES.values() for key in stage.params), *TEMPLATED]))
 
 
-def check_for_dvc(params_file: Path) -> Params:
-    """Validate the params file that `dvc repro` reads, and fail before any work on what DVC or a later
-    stage would reject: keys missing from the file, no path for DVC to watch as the source, a mask grid
-    that does not fit the images. Returns the validated params."""
+def check_for_dvc(params_file: Path, overrides: dict[str, Any] | None = None) -> Params:
+    """Validate the params file that `dvc repro` reads, with `overrides` (dotted key -> value) set on
+    top when given, and fail before any work on what DVC or a later stage would reject: a bad key or
+    value, keys missing from the file, no path for DVC to watch as the source, a mask grid that does
+    not fit the images. Returns the validated params."""
     if not params_file.is_file():
         raise DesensitizeError(
             f"{params_file}: params file not found; every dvc.yaml stage reads its params from it "
             "(`git checkout params.yaml` restores the repository's)"
         )
     raw = read_params_file(params_file)
-    params = parse_params(raw, origin=str(params_file))
+    origin = str(params_file)
+    if overrides:
+        origin = f"{params_file} with overrides"
+        raw = with_overrides(raw, overrides, origin)
+    params = parse_params(raw, origin=origin)
     _check_keys(raw, params_file)
     _check_watched(params.data, params_file)
     _check_grid(params, params_file)

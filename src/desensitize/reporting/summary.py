@@ -101,11 +101,14 @@ def run_report(
     skipped: Sequence[str] = (),
     error: str | None = None,
     mlflow_run_url: str | None = None,
+    experiment: str | None = None,
 ) -> str:
     """Markdown for a run that executed `executed`, found `skipped` up to date, and ended with
-    `error` (None: completed)."""
+    `error` (None: completed); `experiment` says which DVC experiment it was (an override run)."""
     lines = ["# Desensitization pipeline run", ""]
     lines.append(f"**Outcome:** {'FAILED: ' + ' '.join(error.split()) if error else 'completed'}")
+    if experiment:
+        lines.append(f"**DVC experiment:** {experiment}")
     lines.append(f"**Stages run:** {', '.join(executed) or 'none (everything up to date)'}")
     if skipped:
         lines.append(f"**Up to date (skipped):** {', '.join(skipped)}")

@@ -4,8 +4,9 @@ release's model card and data card are written. A set-scope release with a zero 
 registered as a torch.export program (`pt2`: loads with torch alone), any other as a pickle of
 MaskedClassifier (desensitize.inference.export_format says which and why).
 
-A gate-failed release (reachable only with attack.enforce: false), or a model whose test accuracy
-is not clearly above chance (the majority-class rate of the test split, desensitize.stats), is
+A gate-failed release (reachable only with attack.enforce: false), a model whose test accuracy
+is not clearly above chance (the majority-class rate of the test split, desensitize.stats), or one
+trained in a DVC experiment (DVC names it in DVC_EXP_NAME: an override run, `dvc exp run`) is
 registered, visible and comparable, but never becomes `champion` (desensitize.tracking.registry).
 """
 
@@ -27,7 +28,7 @@ from desensitize.release import load_released
 from desensitize.reporting.cards import write_cards
 from desensitize.reporting.records import read_report
 from desensitize.tracking.registry import CHALLENGER, MODEL, model_name, register_version, version_description
-from desensitize.tracking.versioning import dvc_md5
+from desensitize.tracking.versioning import dvc_experiment, dvc_md5
 
 log = logging.getLogger(__name__)
 EXAMPLE_IMAGES = 2
@@ -94,6 +95,7 @@ def register(params: Params, paths: Paths) -> dict[str, Any]:
         description=description,
         model_format=model_format,
         format_reason=format_reason,
+        experiment=dvc_experiment(),
     )
     log.log(
         logging.INFO if chance["above"] else logging.WARNING,

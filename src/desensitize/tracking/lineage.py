@@ -29,7 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
-from desensitize.tracking.runs import DIGESTS_ARTIFACT, STAGE_TAG, item_tag
+from desensitize.tracking.runs import DIGESTS_ARTIFACT, EXPERIMENT_TAG, STAGE_TAG, item_tag
 from desensitize.tracking.store import configure
 
 CONTEXT_TAG = "mlflow.data.context"
@@ -281,6 +281,7 @@ def lineage(ref: str, paths: Paths) -> dict[str, Any]:
             "aliases": aliases,
             "source": mv.source,
             "registration_run_id": mv.run_id,
+            "dvc_experiment": rtags.get(EXPERIMENT_TAG),  # an override run's or `dvc exp run`'s
             "digest": model_digest,
             "tags": dict(mv.tags),
         },
@@ -310,7 +311,8 @@ def format_text(chain: dict[str, Any]) -> str:
     lines = [
         f"model         {m['name']} version {m['version']}"
         + (f" ({', '.join(m['aliases'])})" if m["aliases"] else "")
-        + f": accuracy {m['tags'].get('accuracy', '?')}, gate {m['tags'].get('gate', '?')}, md5 {m['digest']}",
+        + f": accuracy {m['tags'].get('accuracy', '?')}, gate {m['tags'].get('gate', '?')}, md5 {m['digest']}"
+        + (f", registered by DVC experiment {m['dvc_experiment']}" if m.get("dvc_experiment") else ""),
         f"training run  {t['run_id']} ({t['status']})" if t else "training run  NOT FOUND",
         f"release       {chain['release']['path']} md5 {chain['release']['digest']}",
         (

@@ -1,8 +1,14 @@
 """The MLflow model registry: a new version of a registered model, and the champion rule.
 
 Every new version gets alias `challenger`. `champion` moves to it only when the privacy gate
-passed, its accuracy is clearly above chance (desensitize.stats.above_chance) and it is not below
-the current champion's; the version's tag `champion_decision` says which and why. The champion alias
+passed, its accuracy is clearly above chance (desensitize.stats.above_chance), it is not below
+the current champion's, and it was not trained in a DVC experiment; the version's tag
+`champion_decision` says which and why. A version from an experiment (an override run, or an
+engineer's `dvc exp run`) carries the experiment's name in its tag `dvc_experiment` and is never
+champion: the champion is what a deployment serves, so it comes only from the committed params.yaml
+that scheduled runs and `dvc repro` run, never from a what-if that nobody committed. The experiment's
+version stays registered, visible and comparable. To promote what an experiment found: `dvc exp apply
+NAME`, commit, then `dvc repro -s -f register` registers it again, from committed params. The champion alias
 is set last, after the version's tags, so a crash half-way never leaves it on an unlabelled version.
 Reading the champion's accuracy and moving the alias happen under one lock per store and model name
 (desensitize.storage.store_lock: between the processes of one host), so two registrations at once
@@ -25,6 +31,7 @@ from desensitize.storage import store_lock
 
 MODEL = "masknet"
 CHAMPION, CHALLENGER = "champion", "challenger"
+EXPERIMENT_TAG = "dvc_experiment"  # version tag: the DVC experiment it was trained in
 # What loading a version needs, pinned to the versions that wrote it. A `pickle` version: what
 # unpickling imports besides this project's own package (`pip install -e .`), the packages
 # `import desensitize.inference` loads (captum only for image-scope saliency releases, which attribute
@@ -73,6 +80,7 @@ def register_version(
     description: str | None = None,
     model_format: str = "pickle",
     format_reason: str | None = None,
+    experiment: str | None = None,
 ) -> dict[str, Any]:
     """Log `model` in the active run and register it as a new version of `name` with `tags` (plus
     gate and accuracy) and `description`; `chance` is desensitize.stats.above_chance of its test
@@ -83,7 +91,10 @@ def register_version(
 
     `model_format`: `pickle`, or `pt2` (torch.export; needs `input_example` with more than one image,
     so the batch size stays free); the version's tag `model_format` says which, and
-    `model_format_reason` carries `format_reason` (why not pt2) when given."""
+    `model_format_reason` carries `format_reason` (why not pt2) when given.
+
+    `experiment`: the DVC experiment the model was trained in (its tag `dvc_experiment`); such a
+    version is never champion."""
     if model_format not in REQUIREMENTS:
         raise ValueError(f"model_format={model_format!r}; expected one of {', '.join(REQUIREMENTS)}")
     requirements = [f"{package}=={installed_version(package)}" for package in REQUIREMENTS[model_format]]
@@ -110,6 +121,8 @@ def register_version(
     version_tags["model_format"] = model_format
     if format_reason:
         version_tags["model_format_reason"] = format_reason
+    if experiment:
+        version_tags[EXPERIMENT_TAG] = experiment
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, CHALLENGER, version)
@@ -117,6 +130,8 @@ def register_version(
     with store_lock(mlflow.get_tracking_uri(), f"champion-{name}"):
         current = _champion_accuracy(client, name)
         refused = [] if gate_passed else ["privacy gate failed"]
+        if experiment:
+            refused.append(f"trained in DVC experiment {experiment!r} (champion comes only from committed params)")
         if not chance["above"]:
             refused.append(chance["message"])
         if current is not None and accuracy < current:

@@ -3,10 +3,12 @@ metrics, artifacts, and each dataset or model it reads or writes, identified by 
 
 Parent runs: `pipeline_run` opens one and exports its id in DESENSITIZE_MLFLOW_PARENT_RUN_ID, so
 stage runs started in this process (the Prefect flow) and in its child processes (`dvc repro`
-under `desensitize repro`) attach to it. A stage started without one (a bare `dvc repro`, a
-single CLI command) gets a stand-alone run. Lineage never depends on parents: it links runs by
-the digests they recorded. What a stage reads and writes (`Item`) is the stage table's to say
-(desensitize.orchestration.pipeline); this module records whatever it is given.
+under `desensitize repro`, `dvc exp run` under an override run) attach to it. A stage started
+without one (a bare `dvc repro`, a single CLI command) gets a stand-alone run. A run in a DVC
+experiment carries the experiment's name in the tag `desensitize.dvc_experiment`. Lineage never
+depends on parents: it links runs by the digests they recorded. What a stage reads and writes
+(`Item`) is the stage table's to say (desensitize.orchestration.pipeline); this module records
+whatever it is given.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from desensitize.errors import DesensitizeError
 from desensitize.paths import Paths
 from desensitize.storage import flatten, sha256_file
 from desensitize.tracking.store import PREFIX, configure, end_orphaned_runs, owner_tags
-from desensitize.tracking.versioning import code_version
+from desensitize.tracking.versioning import code_version, dvc_experiment
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ PARENT_ENV = "DESENSITIZE_MLFLOW_PARENT_RUN_ID"
 STAGE_TAG = PREFIX + "stage"
 KIND_TAG = PREFIX + "kind"
 ERROR_TAG = PREFIX + "error"
+EXPERIMENT_TAG = PREFIX + "dvc_experiment"  # the DVC experiment a run belongs to
 _UNSAFE_KEY = re.compile(r"[^\w./ -]")
 
 
@@ -161,6 +164,8 @@ def _run_tags(paths: Paths, params: Params | None) -> dict[str, str]:
         tags["mlflow.source.git.commit"] = version["git_commit"]
     if params is not None:
         tags[PREFIX + "params_sha256"] = params_hash(params)
+    if experiment := dvc_experiment():
+        tags[EXPERIMENT_TAG] = experiment
     return tags
 
 
@@ -227,12 +232,18 @@ def _params_or_none(paths: Paths) -> Params | None:
 
 
 @contextlib.contextmanager
-def pipeline_run(paths: Paths, *, tags: dict[str, str] | None = None) -> Iterator[str]:
-    """The parent run of one pipeline execution; yields its id. Stage runs started meanwhile, in
-    this process or in child processes, become its children. It ends FAILED if the body raises,
-    and keeps the dvc.lock the execution left behind (tag and artifact)."""
-    end_orphaned_runs(configure(paths))
-    run_tags = {**_run_tags(paths, _params_or_none(paths)), **owner_tags(), KIND_TAG: "pipeline", **(tags or {})}
+def pipeline_run(
+    paths: Paths, *, tags: dict[str, str] | None = None, store: Paths | None = None, params: Params | None = None
+) -> Iterator[str]:
+    """The parent run of one pipeline execution in `paths`; yields its id. Stage runs started
+    meanwhile, in this process or in child processes, become its children. It ends FAILED if the
+    body raises, and keeps the dvc.lock the execution left behind (tag and artifact).
+
+    An execution outside its project (a DVC experiment's own workspace) tracks into the project's
+    store, `store`, and names the `params` it runs with (its workspace's file gets them later)."""
+    end_orphaned_runs(configure(store or paths))
+    params = params if params is not None else _params_or_none(paths)
+    run_tags = {**_run_tags(paths, params), **owner_tags(), KIND_TAG: "pipeline", **(tags or {})}
     previous = os.environ.get(PARENT_ENV)
     with mlflow.start_run(run_name="pipeline", tags=run_tags) as run:
         os.environ[PARENT_ENV] = run.info.run_id

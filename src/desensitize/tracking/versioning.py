@@ -1,6 +1,7 @@
-"""Code and data versions: the git commit of the code, DVC digests of outputs, and the DVC
-bookkeeping for a caller that runs stages in-process (the Prefect flow) instead of through
-`dvc repro`: which stages are stale, recording the ones that ran, pushing to the remote.
+"""Code and data versions: the git commit of the code, what a checkout has not committed, the DVC
+experiment a process runs in, DVC digests of outputs, and the DVC bookkeeping for a caller that
+runs stages in-process (the Prefect flow) instead of through `dvc repro`: which stages are stale,
+recording the ones that ran, pushing to the remote.
 
 Done this way, a run leaves the same dvc.lock and cache as `dvc repro` would, so `dvc status`
 is clean afterwards and `dvc repro` finds nothing to do. And who holds the project's DVC locks, for a
@@ -49,6 +50,33 @@ def code_version() -> dict[str, Any]:
     return version
 
 
+def uncommitted(root: Path, files: Sequence[str]) -> list[str]:
+    """Those of `files` (paths in the git checkout `root`) that differ from the commit checked out:
+    changed, staged, deleted or untracked, each as `git status --short` shows it (`M params.yaml`)."""
+    try:
+        result = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=all", "--", *files],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DesensitizeError(f"{root}: git status failed ({exc})") from None
+    if result.returncode != 0:
+        raise DesensitizeError(f"{root}: not a git checkout ({' '.join(result.stderr.split())})")
+    return [" ".join(line.split()) for line in result.stdout.splitlines() if line.strip()]
+
+
+# DVC sets it for the stage commands of every experiment (`dvc exp run`, an override run).
+DVC_EXP_NAME = "DVC_EXP_NAME"
+
+
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment this process runs a stage of, None outside one."""
+    return os.environ.get(DVC_EXP_NAME) or None
+
+
 def dvc_md5(path: Path) -> str:
     """The md5 DVC records for an output (a directory's ends in `.dir`), hashed by DVC's own code."""
     from dvc_data.hashfile.build import build
@@ -83,6 +111,12 @@ def open_repo(root: Path) -> Iterator[Repo]:
             yield repo
         finally:
             repo.close()
+
+
+def cache_dir(root: Path) -> Path:
+    """The DVC cache directory of the project at `root` (.dvc/cache unless its config says otherwise)."""
+    with open_repo(root) as repo:
+        return Path(repo.cache.local_cache_dir).resolve()
 
 
 def check_project(root: Path) -> str:
