@@ -181,3 +181,25 @@ def test_cell_set_levels_are_checked():
         DesensitizeError, match=r"masks.search.cellsets = .*levels \[0.5\]: each must be in \[1, 10000\]"
     ):
         parse_params({"masks": {"search": {"cellsets": {"levels": [0.5]}}}})
+
+
+def test_the_amortized_search_releases_the_same_whatever_threads_the_caller_had(tiny_project, tmp_path):
+    """The shared models train in the stage's own process: with compute.threads torch threads, as a unit
+    would, not with whatever the caller (a flow run, a test) had set."""
+    from conftest import LENIENT_GATE, copy_project, tiny_params
+    from desensitize.stages.masks import generate_masks
+
+    params = tiny_params(privacy="gate", attack={"thresholds": LENIENT_GATE})
+    outputs, previous = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            paths = copy_project(tiny_project, tmp_path / f"threads{threads}")
+            generate_masks(params, paths, device="cpu")
+            assert torch.get_num_threads() == threads  # and left as it was
+            outputs.append(
+                {p.name: p.read_bytes() for p in (*paths.release.iterdir(), paths.masks_reports / "search.json")}
+            )
+    finally:
+        torch.set_num_threads(previous)
+    assert outputs[0] == outputs[1]

@@ -84,16 +84,25 @@ def cluster_kwargs(cfg: ComputeParams) -> dict[str, Any]:
     }
 
 
-def run_unit(fn: Callable[[U], R], threads: int, unit: U) -> R:
-    """fn(unit) with `threads` torch CPU threads, at most this process's cores (restored afterwards). Units it
-    starts run in its process."""
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """This process's torch CPU threads set to `threads`, at most its cores, for the block (restored
+    afterwards): work done in the process itself then gives what the same work gives as a unit."""
     previous = torch.get_num_threads()
     torch.set_num_threads(unit_threads(threads))
-    token = _IN_UNIT.set(True)
     try:
-        return fn(unit)
+        yield
     finally:
         torch.set_num_threads(previous)
+
+
+def run_unit(fn: Callable[[U], R], threads: int, unit: U) -> R:
+    """fn(unit) with `threads` torch CPU threads (torch_threads). Units it starts run in its process."""
+    token = _IN_UNIT.set(True)
+    try:
+        with torch_threads(threads):
+            return fn(unit)
+    finally:
         _IN_UNIT.reset(token)
 
 
