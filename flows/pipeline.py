@@ -32,13 +32,8 @@ from prefect.runtime import flow_run
 
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
-from desensitize.orchestration.experiment import (
-    checkout_lock,
-    experiment_name,
-    parse_set,
-    require_committed,
-    run_experiment,
-)
+from desensitize.orchestration.experiment import checkout_lock, require_committed, run_experiment
+from desensitize.orchestration.overrides import experiment_name, parse_set
 from desensitize.orchestration.pipeline import STAGES, check_for_dvc
 from desensitize.orchestration.runner import run_stage
 from desensitize.paths import Paths

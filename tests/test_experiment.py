@@ -16,14 +16,8 @@ import yaml
 from conftest import REPO
 from desensitize.config import get_dotted, load_params, parse_params, with_overrides
 from desensitize.errors import DesensitizeError
-from desensitize.orchestration.experiment import (
-    LOCK,
-    checkout_lock,
-    experiment_name,
-    parse_set,
-    require_committed,
-    set_args,
-)
+from desensitize.orchestration.experiment import LOCK, checkout_lock, require_committed
+from desensitize.orchestration.overrides import experiment_name, parse_set, set_args
 
 
 def test_set_values_are_read_as_yaml():

@@ -263,7 +263,8 @@ def repro(
 
 
 def _experiment(items: list[str], name: str | None, dvc_args: list[str]) -> None:
-    from desensitize.orchestration.experiment import default_name, parse_set, run_experiment
+    from desensitize.orchestration.experiment import run_experiment
+    from desensitize.orchestration.overrides import default_name, parse_set
 
     run = run_experiment(Path.cwd(), parse_set(items), name or default_name(), dvc_args=dvc_args)
     if run.error:
