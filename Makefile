@@ -2,6 +2,7 @@
 #   make run    create/refresh .venv, then run the whole pipeline (`dvc repro` inside one MLflow parent
 #               run: `desensitize repro`) on the default dataset
 #   make test   create/refresh .venv, then check format and lint (ruff) and run the test suite
+# Besides them, for the inner loop: make test-fast   the suite without the tests marked slow (end to end)
 # The venv is (re)installed whenever pyproject.toml or requirements.lock changes.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -10,7 +11,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 26.3
 
-.PHONY: run test install
+.PHONY: run test test-fast install
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -31,3 +32,6 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"

@@ -1,4 +1,5 @@
-"""Units on a Dask cluster give exactly what they give one after another in this process."""
+"""Units on a Dask cluster give exactly what they give one after another in this process (the sweep on a
+cluster: tests/test_sweep_flow.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import pytest
 from conftest import LENIENT_GATE, copy_project, tiny_params
 from desensitize.config import ComputeParams
 from desensitize.errors import DesensitizeError
-from desensitize.orchestration.sweep import run_sweep
 from desensitize.release import read_release_info
 from desensitize.runtime.compute import SCHEDULER_ENV, cluster_kwargs, executor, scheduler
 from desensitize.stages.masks import generate_masks
@@ -151,38 +151,3 @@ def test_a_mask_search_on_a_local_cluster_equals_the_sequential_search(tiny_proj
     assert records[0] == records[1]  # every utility, screen and full-gate score, and the chosen candidate
     assert shards[0] == shards[1]  # the same release, byte for byte
     assert np.all([len(s) > 0 for s in shards])
-
-
-@pytest.mark.slow
-def test_a_sweep_on_a_local_cluster_equals_the_sequential_sweep(tmp_path, monkeypatch):
-    monkeypatch.delenv(SCHEDULER_ENV)
-    params = tiny_params()
-    params = params.model_copy(
-        update={
-            "train": params.train.model_copy(update={"epochs": 1}),
-            "attack": params.attack.model_copy(
-                update={
-                    "attackers": ["telea", "learned"],
-                    "learned": params.attack.learned.model_copy(update={"widths": [4]}),
-                }
-            ),
-        }
-    )
-    tables = []
-    for name, compute in (("sync", ComputeParams(scheduler="sync", threads=1)), ("local", CLUSTER)):
-        run_sweep(
-            _with(params, compute),
-            tmp_path / name,
-            seeds=[0, 1],
-            scopes=["set"],
-            ratios=[0.5],
-            cells=[4],
-            strategies=["saliency", "random"],
-            templates=["mean"],
-            searched=False,
-            attack=True,
-            device="cpu",
-        )
-        tables.append((tmp_path / name / "results.csv").read_text())
-    assert tables[0].count("\n") == 1 + 4  # header, 2 seeds x (saliency/mean, random)
-    assert tables[0] == tables[1]

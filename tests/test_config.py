@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import typer
 import yaml
 from typer.testing import CliRunner
 
@@ -84,11 +85,20 @@ def test_a_stage_failing_under_dvc_says_how_to_restore_its_previous_outputs(tmp_
     assert "dvc checkout" not in CliRunner().invoke(app, ["ingest", "--params", str(bad)]).output
 
 
+COMMANDS = (  # the CLI the README and dvc.yaml name, in the order --help lists them
+    *("ingest", "reference", "check-params", "masks", "verify-release", "attack", "summary"),
+    *("train", "baselines", "evaluate", "register", "repro", "lineage", "sweep"),
+)
+
+
 def test_help_explains_every_command():
     result = CliRunner().invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("ingest", "reference", "check-params"):
-        assert command in result.output
+    # A command's row: its name, then the first line of its help text (an empty help leaves the row blank).
+    rows = re.findall(r"^│ ([a-z][\w-]*) +(\S.*?) *│$", result.output, re.MULTILINE)
+    assert [name for name, _ in rows] == list(COMMANDS)
+    assert all(len(text.split()) >= 3 for _, text in rows), rows
+    assert sorted(typer.main.get_command(app).commands) == sorted(COMMANDS)  # nothing registered goes unlisted
 
 
 def test_overrides_are_set_on_a_copy_then_validated(tmp_path: Path):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_flow_project
+from conftest import copy_flow_project, project_store
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -97,7 +97,9 @@ def _champion(client) -> str | None:
         return None
 
 
-def test_override_runs_are_experiments_and_the_schedule_runs_the_committed_params(flow_project, tmp_path: Path):
+def test_override_runs_are_experiments_and_the_schedule_runs_the_committed_params(
+    flow_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """The operator's path end to end: a real `prefect server`, the deployment from prefect.yaml, flow runs
     executed by a process worker. Two override runs started together each become a DVC experiment in a
     workspace of their own, the checkout untouched; a run without overrides then does exactly what a
@@ -119,6 +121,7 @@ def test_override_runs_are_experiments_and_the_schedule_runs_the_committed_param
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(project / "src"),
+        "MLFLOW_TRACKING_URI": project_store(project),  # the copy's own store: the flow's runs and model are in it
         "PWD": str(project),  # prefect.yaml's pull step: runs happen in the checkout deployed from
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_API_URL": api,
@@ -163,7 +166,8 @@ def test_override_runs_are_experiments_and_the_schedule_runs_the_committed_param
         )
         return {child.data.tags["desensitize.stage"]: child for child in found}
 
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the session's store (conftest), the runs' too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])  # for lineage, in this process
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     client = mlflow.MlflowClient()
     versions_before = {v.version for v in client.search_model_versions("name = 'masknet-digits'")}
     champion = _champion(client)

@@ -175,6 +175,7 @@ def test_only_rank_zero_writes(tmp_path: Path):
         assert torch.equal(value, ranks[0]["state"][name]), name
 
 
+@pytest.mark.slow
 def test_torchrun_runs_a_training_stage_with_rank_zero_tracking_it(tiny_project, tmp_path: Path):
     """The real launch: `torchrun --nproc-per-node 2 -m desensitize reference` on CPU (gloo)."""
     from conftest import copy_project, tiny_params

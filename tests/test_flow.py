@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import copy_flow_project, run_flow
+from conftest import copy_flow_project, project_store, run_flow
 from desensitize.errors import DesensitizeError
 from desensitize.orchestration.experiment import run_experiment
 from desensitize.orchestration.pipeline import STAGES
@@ -87,10 +87,11 @@ def test_flow_run_is_named_and_reports_metrics_and_verdict(flow_project):
     assert "**Stages run:** ingest, reference, masks, attack, train, baselines, evaluate" in report
 
 
-def _mlflow_runs(filter_string: str) -> list:
+def _mlflow_runs(filter_string: str, uri: str | None = None) -> list:
+    """Runs of the session's throw-away store (conftest), where these tests' own flow runs track, or of `uri`."""
     import mlflow
 
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])  # the session's throw-away store (conftest)
+    mlflow.set_tracking_uri(uri or os.environ["MLFLOW_TRACKING_URI"])
     return mlflow.search_runs(experiment_names=["desensitize"], filter_string=filter_string, output_format="list")
 
 
@@ -99,11 +100,12 @@ def test_flow_run_is_one_mlflow_parent_run_with_a_child_per_stage_run(flow_proje
     from desensitize.tracking.runs import STAGE_TAG
 
     first, second = flow_project[2], flow_project[3]
+    store = project_store(flow_project[0])
     for state, expected in ((first, set(STAGES)), (second, set())):
         flow_run_id = str(state.state_details.flow_run_id)
-        (parent,) = _mlflow_runs(f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        (parent,) = _mlflow_runs(f"tags.`prefect.flow_run_id` = '{flow_run_id}'", store)
         assert parent.info.status == "FINISHED"
-        children = _mlflow_runs(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        children = _mlflow_runs(f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", store)
         assert {run.data.tags[STAGE_TAG] for run in children} == expected
         assert parent.info.run_id in _report(state)
 
