@@ -30,6 +30,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from desensitize.cli import SetOption
 from desensitize.config import Params
 from desensitize.errors import DesensitizeError
 from desensitize.orchestration.experiment import checkout_lock, require_committed, run_experiment
@@ -181,15 +182,7 @@ cli = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @cli.command()
 def main(
     params: Annotated[str, typer.Option("--params", "-p", help="The project's params.yaml.")] = "params.yaml",
-    set_: Annotated[
-        list[str],
-        typer.Option(
-            "--set",
-            "-S",
-            help="An override KEY=VALUE (repeatable; the value is YAML): the run is a DVC experiment, "
-            "the checkout untouched.",
-        ),
-    ] = [],  # noqa: B006 - typer reads a list default
+    set_: SetOption = [],  # noqa: B006 - typer reads a list default
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     serve: Annotated[
         bool, typer.Option(help=f"Serve the flow on a schedule ({NIGHTLY_CRON} UTC) until stopped.")

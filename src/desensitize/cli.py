@@ -48,6 +48,15 @@ DeviceOption = Annotated[
     ),
 ]
 F = TypeVar("F", bound=Callable[..., Any])
+SetOption = Annotated[  # desensitize repro and the flow's command line (flows/pipeline.py)
+    list[str],
+    typer.Option(
+        "--set",
+        "-S",
+        help="An override KEY=VALUE (repeatable; the value is YAML, e.g. masks.search.hidden_ratios=[0.75,0.875]): "
+        "the run becomes a DVC experiment in a workspace of its own, the checkout untouched.",
+    ),
+]
 
 
 class _TqdmHandler(logging.Handler):
@@ -213,15 +222,7 @@ def register(params: ParamsOption = Path("params.yaml")) -> None:
 @_user_errors
 def repro(
     ctx: typer.Context,
-    set_: Annotated[
-        list[str],
-        typer.Option(
-            "--set",
-            "-S",
-            help="An override KEY=VALUE (repeatable; the value is YAML, e.g. masks.search.hidden_ratios=[0.75,0.875]): "
-            "the run becomes a DVC experiment in a workspace of its own, the checkout untouched.",
-        ),
-    ] = [],  # noqa: B006 - typer reads a list default
+    set_: SetOption = [],  # noqa: B006 - typer reads a list default
     name: Annotated[
         str | None, typer.Option(help="With --set: the experiment's name (default repro-<UTC time>-<random>).")
     ] = None,

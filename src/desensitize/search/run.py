@@ -22,7 +22,7 @@ from desensitize.attack.gate import Scores, excess
 from desensitize.config import Params
 from desensitize.masking.grid import expand, grid_shape, random_masks
 from desensitize.paths import Paths
-from desensitize.runtime.compute import Executor, torch_threads
+from desensitize.runtime.compute import Executor
 from desensitize.search import cellsets, tradeoff
 from desensitize.search.amortized import AmortizedMeasures
 from desensitize.search.candidates import fixed
@@ -46,25 +46,9 @@ def choose(
     ex: Executor,
 ) -> tuple[Candidate, dict[str, Any] | None]:
     """The candidate to release and the search's record (None for a single candidate without the gate).
-    Trained scoring runs the candidates as units on `ex`; the full gate's attacker fits always are. What
-    runs in this process (the shared models of amortized scoring) runs with compute.threads torch threads,
-    as a unit would, so that the release does not depend on the threads the caller had. The search trains
-    on and attacks every candidate's masked train images: it reads the split whole."""
-    with torch_threads(params.compute.threads):
-        return _choose(params, paths, found, train_shards, class_names, mean, model, device, ex)
-
-
-def _choose(
-    params: Params,
-    paths: Paths,
-    found: list[Candidate],
-    train_shards: Shards,
-    class_names: list[str],
-    mean: np.ndarray,
-    model: torch.nn.Module,
-    device: torch.device,
-    ex: Executor,
-) -> tuple[Candidate, dict[str, Any] | None]:
+    Trained scoring runs the candidates as units on `ex`; the full gate's attacker fits always are; the
+    shared models of amortized scoring train in this process (the caller sets its torch threads). The
+    search trains on and attacks every candidate's masked train images: it reads the split whole."""
     cfg = params.masks
     if cfg.privacy == "none" and len(found) == 1:
         return found[0], None

@@ -28,7 +28,7 @@ from desensitize.release import FILL_STREAMS, MaskSettings, write_release
 from desensitize.reporting.figures import heatmap, image_grid
 from desensitize.reporting.records import write_results
 from desensitize.reporting.summary import tradeoff_lines
-from desensitize.runtime.compute import executor
+from desensitize.runtime.compute import executor, torch_threads
 from desensitize.runtime.device import best_device
 from desensitize.search import tradeoff
 from desensitize.search.candidates import candidates, check_grid, scan_train
@@ -56,7 +56,9 @@ def generate_masks(params: Params, paths: Paths, device: str = "auto") -> dict[s
     found = candidates(
         cfg, shards["train"], (height, width), params.seed, stats=stats, maps=maps, model=model, device=torch_device
     )
-    with executor(params.compute) as ex:
+    # The search's own training (the amortized scoring's shared models) runs in this process with
+    # compute.threads torch threads, as a unit would: the release must not depend on the caller's threads.
+    with executor(params.compute) as ex, torch_threads(params.compute.threads):
         chosen, record = choose(
             params, paths, found, shards["train"], manifest["class_names"], mean, model, torch_device, ex
         )
