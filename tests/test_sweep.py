@@ -131,35 +131,40 @@ def test_matched_privacy_per_seed_then_over_seeds(tmp_path: Path):
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sweep_cli_rejects_bad_axes_before_any_work(tmp_path: Path):
-    params = tmp_path / "params.yaml"
+def _refused(tmp_path: Path, option: str, value: str) -> str:
+    """The sweep command given one bad option: it exits 2 before any work (no --out directory); its output."""
+    params, out = tmp_path / "params.yaml", tmp_path / "out"
     params.write_text("{}\n")
-    out = tmp_path / "out"
-    for option, value, expected in (
+    result = CliRunner().invoke(app, ["sweep", "-p", str(params), "--out", str(out), option, value])
+    assert result.exit_code == 2, (option, value, result.output)
+    assert not out.exists()
+    return result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
         ("--templates", "search", "--templates: search"),
         ("--templates", "mean,median", "--templates: masks.template = 'median'"),
         ("--cells", "0", "--cells: masks.cell = 0"),
-    ):
-        result = CliRunner().invoke(app, ["sweep", "-p", str(params), "--out", str(out), option, value])
-        assert result.exit_code == 2, result.output
-        assert expected in result.output
-    assert not out.exists()
+    ],
+)
+def test_sweep_cli_rejects_bad_axes_before_any_work(tmp_path: Path, option, value, expected):
+    assert expected in _refused(tmp_path, option, value)
 
 
-def test_sweep_cli_refuses_an_empty_axis_naming_the_option(tmp_path: Path):
-    params = tmp_path / "params.yaml"
-    params.write_text("{}\n")
-    out = tmp_path / "out"
-    for option, value, expected in (
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
         ("--seeds", "", "error: --seeds: give at least one value"),
         ("--seeds", " , ", "error: --seeds: give at least one value"),
         ("--ratios", "", "error: --ratios: give at least one value"),
         ("--seeds", "0,1,0", "error: --seeds: 0 given twice"),
-    ):
-        result = CliRunner().invoke(app, ["sweep", "-p", str(params), "--out", str(out), option, value])
-        assert result.exit_code == 2, (option, value, result.output)
-        assert result.output.startswith(expected), result.output
-    assert not out.exists()
+    ],
+)
+def test_sweep_cli_refuses_an_empty_axis_naming_the_option(tmp_path: Path, option, value, expected):
+    output = _refused(tmp_path, option, value)
+    assert output.startswith(expected), output
 
 
 AXES = {
