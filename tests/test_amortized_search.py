@@ -17,7 +17,6 @@ from desensitize.search.amortized import AmortizedMeasures, Family
 from desensitize.search.cellsets import beam_search
 from desensitize.search.gated import Candidate
 from desensitize.search.tradeoff import cost_sentence, rows
-from desensitize.stages.masks import attacked_lines
 from desensitize.stats import chance_level
 
 LIMITS = {"psnr_gain": 1.0, "linkage_within_class": 0.15, "recognition_recovery": 0.3}
@@ -168,35 +167,6 @@ def test_the_tradeoff_table_matches_hand_made_rows():
         "at the gate's 3x chance the release keeps a held-out utility of 0.200; "
         "at 5x it would keep 0.400 (predicted); at 10x it would keep 0.600 (full gate)"
     )
-
-
-def test_a_probe_raises_the_prediction_to_what_it_measured():
-    """As above, but the probe ran on c and measured linkage 0.27: a full gate judges at least that, so c
-    no longer fits 5x (0.25); a (0.12, the full gate's) is the most useful left there."""
-    a, b = _candidate("a", 0.20, 0.10, full=0.12), _candidate("b", 0.60, 0.10, full=0.30)
-    c, d = _candidate("c", 0.40, 0.12), _candidate("d", 0.50, 0.20)
-    c.probe = {**c.screen, "linkage_within_class": 0.27}
-    strength = {"psnr_gain": 1.0, "linkage_within_class": 2.0, "recognition_recovery": 1.0}
-    table = rows([a, b, c, d], a, LIMITS, chance=0.05, levels=[5, 10], gate_level=3, strength=strength, base=BASE)
-    assert [(r["level"], r["candidate"], r["basis"]) for r in table] == [
-        (3, "a", "full gate"),
-        (5, "a", "full gate"),
-        (10, "b", "full gate"),
-    ]
-
-
-def test_the_masks_summary_lists_every_attacked_candidate_with_what_each_attack_found():
-    records = [
-        {"name": "never attacked", "utility": 0.9, "probe": None, "full": None, "passed": None},
-        {"name": "aside", "utility": 0.5, "probe": {"psnr_gain": 2.0}, "full": None, "passed": None},
-        {"name": "gated", "utility": 0.7, "probe": {"psnr_gain": 0.1}, "full": {"psnr_gain": 0.5}, "passed": True},
-        {"name": "failed", "utility": 0.8, "probe": None, "full": {"psnr_gain": 1.5}, "passed": False},
-    ]
-    assert attacked_lines(records) == [
-        "`failed` (utility 0.800): full gate failed (psnr_gain 1.5)",
-        "`gated` (utility 0.700): probe passed (psnr_gain 0.1); full gate passed (psnr_gain 0.5)",
-        "`aside` (utility 0.500): probe failed (psnr_gain 2)",
-    ]
 
 
 def test_a_level_that_admits_nothing_says_so():

@@ -189,11 +189,6 @@ def _tradeoff(paths: Paths, record: dict[str, Any], raw_accuracy: float) -> None
         "",
         *(f"- {line}" for line in tradeoff_lines(record["tradeoff"])),
         "",
-        "Candidates attacked, most useful first (the probe can only set a candidate aside; only a full gate "
-        "releases one):",
-        "",
-        *(f"- {line}" for line in attacked_lines(record["candidates"])),
-        "",
         f"What the release cost: {record['cost']}. Raw images: the reference model's raw test accuracy "
         f"{raw_accuracy:.4f}"
         + (
@@ -205,21 +200,6 @@ def _tradeoff(paths: Paths, record: dict[str, Any], raw_accuracy: float) -> None
     ]
     with atomic_path(paths.masks_reports / "summary.md") as tmp:
         tmp.write_text("\n".join(lines))
-
-
-def attacked_lines(candidates: list[dict[str, Any]]) -> list[str]:
-    """Each candidate the probe or the full gate ran on: its utility and what each found."""
-    lines = []
-    for c in sorted((c for c in candidates if c["probe"] or c["full"]), key=lambda c: -c["utility"]):
-        found = [f"probe {'failed' if c['full'] is None else 'passed'} ({_scores(c['probe'])})"] if c["probe"] else []
-        if c["full"]:
-            found.append(f"full gate {'passed' if c['passed'] else 'failed'} ({_scores(c['full'])})")
-        lines.append(f"`{c['name']}` (utility {c['utility']:.3f}): {'; '.join(found)}")
-    return lines
-
-
-def _scores(scores: dict[str, float]) -> str:
-    return ", ".join(f"{name} {value:.3g}" for name, value in scores.items())
 
 
 def _reference_accuracy(
