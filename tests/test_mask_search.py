@@ -19,8 +19,8 @@ def _scores(gain: float, linkage: float) -> dict[str, float]:
     return {"psnr_gain": gain, "linkage_within_class": linkage}
 
 
-def _run(utility, screen, full, n, probe=None, **kwargs):
-    calls = {"utility": [], "screen": [], "full": [], "probe": []}
+def _run(utility, screen, full, n, **kwargs):
+    calls = {"utility": [], "screen": [], "full": []}
 
     def record(kind, table):
         def score(c: Candidate):
@@ -36,8 +36,6 @@ def _run(utility, screen, full, n, probe=None, **kwargs):
         full=record("full", full),
         limits=LIMITS,
         max_full_gates=kwargs.pop("max_full_gates", 10),
-        probe=record("probe", probe) if probe is not None else None,
-        max_probes=kwargs.pop("max_probes", 0),
     )
     return result, calls
 
@@ -154,50 +152,6 @@ def test_once_the_screen_passes_nothing_left_the_budget_goes_to_the_closest_firs
     full["c2"] = _scores(0.0, 0.2)
     with pytest.raises(SearchFailed, match=r"2 through the full gate\); closest: c2 .*linkage_within_class 0.2 > 0.15"):
         _run(utility, screen, full, 4, max_full_gates=2)
-
-
-def test_a_failed_probe_sets_a_candidate_aside_without_its_full_gate():
-    # c0 and c1 pass the screen; the probe breaks c0 (linkage 0.3: factor 3 from then on, so c1's screen
-    # 0.06 predicts 0.18 and c2's 0.04 predicts 0.12). c2 passes the probe and goes to the full gate,
-    # which passes it. The full-gate budget of 1 is spent on c2 alone.
-    utility = {"c0": 0.9, "c1": 0.8, "c2": 0.7}
-    screen = {"c0": _scores(0.0, 0.1), "c1": _scores(0.0, 0.06), "c2": _scores(0.0, 0.04)}
-    probe = {"c0": _scores(0.2, 0.3), "c1": _scores(0.0, 0.0), "c2": _scores(0.1, 0.08)}
-    full = {"c0": _scores(0.0, 0.0), "c1": _scores(0.0, 0.0), "c2": _scores(0.3, 0.12)}
-    result, calls = _run(utility, screen, full, 3, probe, max_full_gates=1, max_probes=4)
-    assert calls["probe"] == ["c0", "c2"] and calls["full"] == ["c2"]
-    assert result.chosen.name == "c2"
-    assert result.calibration["linkage_within_class"] == pytest.approx(3.0)
-    record = {c["name"]: c for c in result.record()["candidates"]}
-    assert record["c0"]["probe"] == probe["c0"] and record["c0"]["full"] is None and record["c0"]["passed"] is None
-    assert record["c2"]["probe"] == probe["c2"] and record["c2"]["passed"] is True
-
-
-def test_the_probe_never_admits_a_candidate():
-    # The probe passes c0, the full gate fails it: c0 is not released; c1 is, on its full gate.
-    utility = {"c0": 0.9, "c1": 0.8}
-    screen = {name: _scores(0.0, 0.0) for name in utility}
-    probe = {name: _scores(0.0, 0.0) for name in utility}
-    full = {"c0": _scores(1.5, 0.1), "c1": _scores(0.5, 0.1)}
-    result, calls = _run(utility, screen, full, 2, probe, max_probes=4)
-    assert calls["full"] == ["c0", "c1"] and result.chosen.name == "c1"
-    with pytest.raises(SearchFailed, match=r"2 through the full gate\); closest: c1 .*psnr_gain 1.5 > 1"):
-        _run(utility, screen, {"c0": _scores(2.0, 0.1), "c1": _scores(1.5, 0.1)}, 2, probe, max_probes=4)
-
-
-def test_after_max_probes_candidates_go_straight_to_the_full_gate():
-    # Every probe fails; only the first two candidates meet it, the third goes to its full gate.
-    utility = {"c0": 0.9, "c1": 0.8, "c2": 0.7}
-    screen = {name: _scores(0.0, 0.0) for name in utility}
-    probe = {name: _scores(2.0, 0.0) for name in utility}
-    full = {name: _scores(0.0, 0.0) for name in utility}
-    result, calls = _run(utility, screen, full, 3, probe, max_probes=2)
-    assert calls["probe"] == ["c0", "c1"] and calls["full"] == ["c2"] and result.chosen.name == "c2"
-    # With the probe setting every candidate aside, the failure names the closest by the probe.
-    probe["c1"] = _scores(1.2, 0.0)
-    aside = r"0 through the full gate, 3 set aside by the probe\); closest: c1 .*by the probe: psnr_gain 1.2 > 1"
-    with pytest.raises(SearchFailed, match=aside):
-        _run(utility, screen, full, 3, probe, max_probes=3)
 
 
 def test_excess_and_agreement():

@@ -157,9 +157,6 @@ class SearchParams(_Section):
     amortized: AmortizedParams = AmortizedParams()
     cellsets: CellSetParams = CellSetParams()
     max_full_gates: int = Field(3, ge=1, le=1000)  # full attack-suite runs before the search gives up
-    # candidates the probe (the gate's attackers, the learned one at its narrowest width only) may set
-    # aside before their full gate; 0: every candidate goes straight to the full gate
-    probes: int = Field(4, ge=0, le=1000)
 
     @model_validator(mode="after")
     def _ranges(self) -> SearchParams:

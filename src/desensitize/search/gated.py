@@ -8,13 +8,6 @@ the budget of full runs is not spent, the rest of it goes to the candidates the 
 passing. The screen only decides the order of work: a candidate is released only on the full gate's
 verdict.
 
-Before its full gate a candidate may meet the probe: the gate's own attackers with the learned one at
-its narrowest width alone, trained to its limit, without the data-scaling curve; a quarter of the full
-gate's cost. Where the probe's scores, judged at the upper ends of their intervals, already break a
-limit, an attacker of the gate's own family has broken the mask, so the candidate is set aside without
-spending a full gate on it (at most `max_probes` candidates are set aside; after that every candidate
-goes to its full gate). The probe can only refuse: it never admits a candidate.
-
 The screen is calibrated against the full gate as the search goes. A stronger attacker draws more out
 of the same mask, so each gated score is modelled as its chance level plus a strength factor times
 what the screen measures above it: full = base + k * (screen - base), with base the score of a blind
@@ -54,8 +47,7 @@ class Candidate:
     extra: dict[str, Any] = field(default_factory=dict)
     utility: float | None = None
     screen: Scores | None = None
-    predicted: Scores | None = None  # the calibrated screen when the probe or the full gate ran
-    probe: Scores | None = None  # the probe's scores where it ran (judged as the gate judges)
+    predicted: Scores | None = None  # the calibrated screen when the full gate ran
     full: Scores | None = None
     passed: bool | None = None  # the full gate's verdict; None where it did not run
 
@@ -66,7 +58,6 @@ class Candidate:
             "utility": self.utility,
             "screen": self.screen,
             "predicted": self.predicted,
-            "probe": self.probe,
             "full": self.full,
             "passed": self.passed,
         }
@@ -126,15 +117,11 @@ def search(
     max_full_gates: int,
     base: Scores | None = None,
     map_units: Callable[[Callable[[Candidate], Any], list[Candidate]], list[Any]] | None = None,
-    probe: Callable[[Candidate], Scores] | None = None,
-    max_probes: int = 0,
 ) -> SearchResult:
     """Score every candidate, then run the full gate on the most useful ones whose calibrated screen
     passes, in order, and once none is left, on the ones whose calibrated screen comes closest to
-    passing, until one passes (at most `max_full_gates` full runs in all). Each of the first
-    `max_probes` candidates so picked meets `probe` first and is set aside if it fails (see the module
-    doc). Candidates with the same masks are scored and gated once. `base`: each score's blind-guess
-    level (default 0), see the module doc.
+    passing, until one passes (at most `max_full_gates` full runs in all). Candidates with the same
+    masks are scored and gated once. `base`: each score's blind-guess level (default 0), see the module doc.
     `map_units(fn, candidates)`: how the candidates' scores are computed (desensitize.runtime.compute's
     Executor.map spreads them over a cluster; default one after another, here).
     Raises SearchFailed naming the closest candidate when none passes."""
@@ -160,37 +147,30 @@ def search(
     def predicted(c: Candidate) -> Scores:
         return calibrated(c.screen, strength, base)
 
-    def calibrate(c: Candidate, measured: Scores) -> None:
-        for s in limits:  # a screen at or under the blind level says nothing about the factor
-            if c.screen[s] - base[s] > MIN_SIGNAL * max(abs(limits[s] - base[s]), 1e-6):
-                strength[s] = max(strength[s], (measured[s] - base[s]) / (c.screen[s] - base[s]))
-
     waiting = sorted(done.values(), key=lambda c: -c.utility)  # one per mask; ties: the first given
-    runs, probes, chosen = 0, 0, None
+    runs, chosen = 0, None
     while waiting and runs < max_full_gates:
         margin = {id(c): excess(predicted(c), limits) for c in waiting}
         fits = [c for c in waiting if margin[id(c)] <= 0]
         c = fits[0] if fits else min(waiting, key=lambda c: margin[id(c)])  # min: the most useful of ties
         waiting.remove(c)
-        why = "the most useful the screen passes" if fits else "none left that the screen passes: the closest"
-        c.predicted = predicted(c)
-        if probe is not None and probes < max_probes:
-            probes += 1
-            c.probe = {s: float(v) for s, v in probe(c).items() if s in limits}
-            if excess(c.probe, limits) > 0:  # an attacker of the gate's family breaks it: no full gate
-                log.info("search candidate %s (%s): probe failed, set aside (%s)", c.name, why, _fmt(c.probe))
-                calibrate(c, c.probe)  # the probe's scores are a floor of what the full gate judges
-                continue
         runs += 1
+        c.predicted = predicted(c)
         c.full = {s: float(v) for s, v in full(c).items() if s in limits}
         c.passed = excess(c.full, limits) <= 0
         log.info(
-            "search candidate %s (%s): full gate %s (%s)", c.name, why, "passed" if c.passed else "failed", _fmt(c.full)
+            "search candidate %s (%s): full gate %s (%s)",
+            c.name,
+            "the most useful the screen passes" if fits else "none left that the screen passes: the closest",
+            "passed" if c.passed else "failed",
+            _fmt(c.full),
         )
         if c.passed:
             chosen = c
             break
-        calibrate(c, c.full)
+        for s in limits:  # a screen at or under the blind level says nothing about the factor
+            if c.screen[s] - base[s] > MIN_SIGNAL * max(abs(limits[s] - base[s]), 1e-6):
+                strength[s] = max(strength[s], (c.full[s] - base[s]) / (c.screen[s] - base[s]))
     result = SearchResult(chosen, candidates, limits, strength, base, agreement(candidates, limits))
     if chosen is None:
         raise SearchFailed(result)
@@ -209,28 +189,18 @@ class SearchFailed(DesensitizeError):
         super().__init__(_failure(result))
 
 
-def attacked(c: Candidate) -> Scores | None:
-    """What an attack measured on a candidate: the full gate's judged scores, else the probe's, else None."""
-    return c.full if c.full is not None else c.probe
-
-
 def closest(candidates: list[Candidate], limits: Scores) -> Candidate:
-    """The candidate the full gate (or, set aside, the probe) put nearest to passing; the search attacks
-    at least one."""
-    return min((c for c in candidates if attacked(c) is not None), key=lambda c: excess(attacked(c), limits))
+    """The candidate the full gate put nearest to passing (the search always runs it at least once)."""
+    return min((c for c in candidates if c.full is not None), key=lambda c: excess(c.full, limits))
 
 
 def _failure(result: SearchResult) -> str:
     c = closest(result.candidates, result.limits)
-    scores, by = attacked(c), "the full gate" if c.full is not None else "the probe"
-    missed = "; ".join(f"{s} {scores[s]:.4g} > {limit:.4g}" for s, limit in result.limits.items() if scores[s] > limit)
+    missed = "; ".join(f"{s} {c.full[s]:.4g} > {limit:.4g}" for s, limit in result.limits.items() if c.full[s] > limit)
     ran = sum(x.full is not None for x in result.candidates)
-    aside = sum(x.probe is not None and x.full is None for x in result.candidates)
-    set_aside = f", {aside} set aside by the probe" if aside else ""
     return (
         f"no mask candidate passes the privacy gate ({len(result.candidates)} candidates, {ran} through the full "
-        f"gate{set_aside}); closest: {c.name} (utility {c.utility:.4f}), by {by}: {missed}. "
-        "Widen masks.search "
+        f"gate); closest: {c.name} (utility {c.utility:.4f}), by the full gate: {missed}. Widen masks.search "
         "(higher hidden_ratios, other cells or templates), raise masks.search.max_full_gates, or relax "
         "attack.thresholds"
     )

@@ -158,15 +158,6 @@ class Measures:
         )
         return gate.judged(result)
 
-    def probe(self, c: Candidate) -> dict[str, float]:
-        """The gate's attackers with the learned one at its narrowest width alone, trained to its limit,
-        without the data-scaling curve (desensitize.search.gated: it can only set a candidate aside)."""
-        a, attack = self._attack, self.params.attack
-        result = attack_suite(
-            *self._target(c), a["fill"], attack, **a["common"], widths=[min(attack.learned.widths)], scaling=False
-        )
-        return gate.judged(result)
-
     def full(self, c: Candidate, ex: Executor | None = None) -> dict[str, float]:
         """The attack stage finds this run in the cache; `ex` runs the attacker's fits."""
         a = self._attack

@@ -77,8 +77,6 @@ def choose(
             max_full_gates=cfg.search.max_full_gates,
             base={"linkage_within_class": measures.chance},
             map_units=units,
-            probe=measures.probe,
-            max_probes=cfg.search.probes,
         )
     except SearchFailed as failed:
         write_json(paths.masks_reports / "search.json", _record(failed.result, params, measures, amortized))

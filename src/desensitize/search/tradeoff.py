@@ -4,8 +4,7 @@ looser levels (masks.search.cellsets.levels), read off every candidate it scored
 At each level (a multiple of within-class chance) the row is the most useful candidate whose
 within-class linkage stays at or under the level while its other gated scores stay under the gate's own
 limits, judged by the full gate where it ran on the candidate and by the calibrated screen (a
-prediction, desensitize.search.gated.calibrated; where the probe ran, never under what the probe
-measured) where it did not. At the gate's level the row is the
+prediction, desensitize.search.gated.calibrated) where it did not. At the gate's level the row is the
 release itself: only a full gate admits a candidate there. So the owner sees what a looser threshold
 would let the release keep before deciding; the thresholds stay theirs to set in params.yaml.
 """
@@ -24,14 +23,8 @@ LINKAGE = "linkage_within_class"
 
 
 def judged_or_predicted(c: Candidate, strength: Scores, base: Scores) -> tuple[Scores, str]:
-    """A candidate's gated scores and where they come from: the full gate, or the calibrated screen
-    raised to what the probe measured where it ran (a full gate judges at least that)."""
-    if c.full is not None:
-        return c.full, "full gate"
-    predicted = calibrated(c.screen, strength, base)
-    if c.probe is not None:
-        predicted = {s: max(v, c.probe[s]) for s, v in predicted.items()}
-    return predicted, "predicted"
+    """A candidate's gated scores and where they come from: the full gate, or the calibrated screen."""
+    return (c.full, "full gate") if c.full is not None else (calibrated(c.screen, strength, base), "predicted")
 
 
 def rows(
@@ -90,8 +83,7 @@ AXES = {
 
 def figure(record: dict[str, Any], *, chance: float, raw_accuracy: float, path: Path) -> None:
     """tradeoff.png: every candidate's held-out utility against each gated score, as the screen read it,
-    as the calibrated screen predicts the full gate, as the probe measured it where it set it aside and
-    as the full gate judged it where it ran; the
+    as the calibrated screen predicts the full gate, and as the full gate judged it where it ran; the
     thresholds (and the trade-off's looser linkage levels), the release, the raw model (the reference on
     raw test images) and a random mask of the release's grid and hidden count."""
     strength, base, limits = record["screen_calibration"], record["screen_base"], record["limits"]
@@ -126,10 +118,6 @@ def figure(record: dict[str, Any], *, chance: float, raw_accuracy: float, path: 
                 for passed, verdict in ((True, "passed"), (False, "failed"))
             ),
         ]
-        aside = [c for c in candidates if c.get("probe") is not None and c["full"] is None]
-        series.append(
-            Scatter("probe: set aside", xs(aside, lambda c: c["probe"]), [c["utility"] for c in aside], "x", 40, 3)
-        )
         released = [c for c in full if c["name"] == record["chosen"]]
         if released:
             series.append(Scatter("released", xs(released, lambda c: c["full"]), [released[0]["utility"]], "*", 160, 1))
